@@ -1,0 +1,22 @@
+# The README's two commands: `make demo` (the main job) and `make test` (the suite CI runs).
+# Each installs what it needs first. PYTHON selects the interpreter (default: python3).
+PYTHON ?= python3
+PIP := $(PYTHON) -m pip
+
+.PHONY: install demo test lint
+
+# torch==2.13.0 first: on this project's machines it is a local CPU build; a bare `torch`
+# requirement would pull a multi-GB CUDA build.
+install:
+	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q -e ".[dev]"
+
+demo: install
+	$(PYTHON) -m ds_upcycle demo
+
+lint:
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
+
+test: install lint
+	$(PYTHON) -m pytest

@@ -1,0 +1,455 @@
+"""Run configuration: typed, frozen dataclasses loaded from a ds_configs JSON file plus overrides.
+
+A ds_configs file is a complete DeepSpeed config with concrete values, plus one project section
+named ``"ds_upcycle"`` (DeepSpeed ignores unknown top-level keys). The section has one sub-table
+per concern: ``model``, ``moe``, ``data``, ``train``, ``log``.
+
+Precedence: command-line overrides > file > dataclass defaults. Overrides look like
+``--moe.num_experts=4`` or ``--ds.zero_optimization.stage=1`` (the latter edits the DeepSpeed part).
+Every value is type-checked and validated on construction; mistakes raise ``ValueError`` naming
+the field, the value and what is allowed.
+
+NOTE: the section is deliberately not called ``expert_parallel``: that key switches on DeepSpeed's
+own AutoEP path (deepspeed/runtime/config.py), which is a different feature.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+PROJECT_KEY = "ds_upcycle"
+
+ROUTER_INITS = ("normal", "zeros")
+EXPERT_INITS = ("copy", "noise")
+BALANCE_MODES = ("micro_batch", "global_batch")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} ({value!r}) must be > 0")
+
+
+def _non_negative(name: str, value: float) -> None:
+    if not value >= 0:
+        raise ValueError(f"{name} ({value!r}) must be >= 0")
+
+
+def _one_of(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} ({value!r}) must be one of {', '.join(map(repr, allowed))}")
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """How each dense MLP becomes a Mixture-of-Experts layer (defaults follow arXiv 2412.09952)."""
+
+    num_experts: int = 8
+    """Experts per MoE layer (global, across all expert-parallel ranks). Paper: 8."""
+    top_k: int = 2
+    """Experts each token is routed to. 2 (recommended) renormalises the gates, so copies of the
+    dense MLP reproduce it exactly; 1 scales by the gate probability and is not function-preserving."""
+    ep_size: int = 1
+    """Expert-parallel group size: each rank holds num_experts / ep_size experts."""
+    capacity_factor: float = 1.0
+    """Training capacity per expert = ceil(tokens / num_experts * capacity_factor * top_k). Only
+    used when drop_tokens is true. Paper main run: 4."""
+    eval_capacity_factor: float = 1.0
+    """Capacity factor in eval mode (only used when drop_tokens is true)."""
+    min_capacity: int = 4
+    """Lower bound on the per-expert capacity (only used when drop_tokens is true)."""
+    drop_tokens: bool = False
+    """False = dropless (capacity grows to the busiest expert); exact and the default. True drops
+    tokens past capacity and needs every rank to see the same token count."""
+    aux_loss_coef: float = 1e-2
+    """Weight of the load-balancing loss (arXiv 2410.07524: 1e-2 to 1e-3 work best)."""
+    z_loss_coef: float = 0.0
+    """Weight of the router z-loss (mean logsumexp(logits)^2). 0 disables it (2410.07524: no gain)."""
+    balance: str = "micro_batch"
+    """Load-balancing statistics: "micro_batch" (DeepSpeed's, local tokens) or "global_batch"
+    (expert fractions all-reduced over data-parallel ranks before the product)."""
+    router_init: str = "normal"
+    """Router weight init: "normal" (N(0, router_init_std)) or "zeros" (uniform routing at step 0)."""
+    router_init_std: float = 0.02
+    """Standard deviation of the "normal" router init."""
+    expert_init: str = "copy"
+    """Expert init: "copy" (exact copies of the dense MLP) or "noise" (copies plus N(0, expert_noise_std))."""
+    expert_noise_std: float = 1e-3
+    """Std of the Gaussian noise added to each expert weight when expert_init is "noise"."""
+    seed: int = 1234
+    """Seed for the router and expert-noise init; the same on every rank, so every rank agrees."""
+    moe_layers: str | list[int] = "all"
+    """Which decoder layers become MoE: "all", "every_K" (layers 0, K, 2K, ...) or a list of indices."""
+
+    def __post_init__(self) -> None:
+        _positive("moe.num_experts", self.num_experts)
+        _positive("moe.top_k", self.top_k)
+        _positive("moe.ep_size", self.ep_size)
+        if self.top_k > self.num_experts:
+            raise ValueError(f"moe.top_k ({self.top_k}) must be <= moe.num_experts ({self.num_experts})")
+        if self.num_experts % self.ep_size != 0:
+            raise ValueError(
+                f"moe.num_experts ({self.num_experts}) must be divisible by moe.ep_size "
+                f"({self.ep_size}); choose an ep_size that divides {self.num_experts}"
+            )
+        _positive("moe.capacity_factor", self.capacity_factor)
+        _positive("moe.eval_capacity_factor", self.eval_capacity_factor)
+        _positive("moe.min_capacity", self.min_capacity)
+        _non_negative("moe.aux_loss_coef", self.aux_loss_coef)
+        _non_negative("moe.z_loss_coef", self.z_loss_coef)
+        _one_of("moe.balance", self.balance, BALANCE_MODES)
+        _one_of("moe.router_init", self.router_init, ROUTER_INITS)
+        _positive("moe.router_init_std", self.router_init_std)
+        _one_of("moe.expert_init", self.expert_init, EXPERT_INITS)
+        _positive("moe.expert_noise_std", self.expert_noise_std)
+        if isinstance(self.moe_layers, str):
+            if self.moe_layers != "all" and not _parse_every(self.moe_layers):
+                raise ValueError(
+                    f'moe.moe_layers ({self.moe_layers!r}) must be "all", "every_K" with K >= 1, '
+                    "or a list of layer indices"
+                )
+        elif not self.moe_layers:
+            raise ValueError("moe.moe_layers ([]) must name at least one layer")
+        elif len(set(self.moe_layers)) != len(self.moe_layers):
+            raise ValueError(f"moe.moe_layers ({self.moe_layers}) has duplicate indices")
+
+    @property
+    def exact(self) -> bool:
+        """True when an upcycled model with copied experts reproduces the dense model exactly."""
+        return self.top_k >= 2 and not self.drop_tokens and self.expert_init == "copy"
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        """The decoder-layer indices that become MoE, validated against the model's depth."""
+        if self.moe_layers == "all":
+            return list(range(num_layers))
+        if isinstance(self.moe_layers, str):
+            every = _parse_every(self.moe_layers)
+            return list(range(0, num_layers, every))
+        bad = [i for i in self.moe_layers if not 0 <= i < num_layers]
+        if bad:
+            raise ValueError(
+                f"moe.moe_layers ({self.moe_layers}) has indices {bad} out of range for a model "
+                f"with {num_layers} layers; use 0..{num_layers - 1}"
+            )
+        return sorted(self.moe_layers)
+
+
+def _parse_every(spec: str) -> int:
+    if spec.startswith("every_") and spec[6:].isdigit() and int(spec[6:]) >= 1:
+        return int(spec[6:])
+    return 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Where the model comes from."""
+
+    path: str = ""
+    """Dense HF checkpoint folder (safetensors) to upcycle online, or an HF Mixtral folder from
+    `ds-upcycle upcycle`."""
+    dtype: str = "fp32"
+    """Weights dtype for training: "fp32" (CPU) or "bf16" (GPU; must match the DeepSpeed bf16 section)."""
+    activation_checkpointing: bool = False
+    """Non-reentrant activation checkpointing of each decoder layer. (The reentrant kind silently
+    cuts the aux loss's gradient.)"""
+
+    def __post_init__(self) -> None:
+        _one_of("model.dtype", self.dtype, ("fp32", "bf16", "fp16"))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Training text, through `datasets`."""
+
+    train: list[str] = field(default_factory=list)
+    """Local files (.txt, .jsonl/.json, .parquet; globs allowed) for training."""
+    eval: list[str] = field(default_factory=list)
+    """Held-out files. If empty, the last eval_fraction of the packed training blocks is held out."""
+    hub_dataset: str = ""
+    """A hub dataset name (e.g. "allenai/c4:en"), used instead of train when set and reachable."""
+    hub_split: str = "train"
+    """Split of hub_dataset to read."""
+    streaming: bool = False
+    """Stream hub_dataset instead of downloading it (for corpora larger than disk)."""
+    text_field: str = "text"
+    """Column/key holding the text in .jsonl/.json/.parquet files and hub datasets."""
+    seq_len: int = 256
+    """Tokens per packed training block (documents joined with EOS)."""
+    eval_fraction: float = 0.05
+    """Fraction of blocks held out when no eval files are given."""
+    eval_batches: int = 4
+    """Micro-batches used for each held-out perplexity measurement."""
+    cache_dir: str = ""
+    """Where tokenised blocks are cached (default: <output_dir>/../.cache/tokens)."""
+    skip_bad_records: bool = False
+    """Skip malformed JSON lines / non-UTF-8 lines (counted and reported) instead of failing."""
+
+    def __post_init__(self) -> None:
+        _positive("data.seq_len", self.seq_len)
+        if not 0 <= self.eval_fraction < 1:
+            raise ValueError(f"data.eval_fraction ({self.eval_fraction}) must be in [0, 1)")
+        _positive("data.eval_batches", self.eval_batches)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop: schedule, checkpoints, resume. Optimizer type and peak LR live in the DeepSpeed
+    "optimizer" section; the schedule shape lives here."""
+
+    steps: int = 100
+    """Optimizer steps to train for."""
+    warmup_steps: int = 10
+    """Linear warm-up steps to the optimizer's peak lr (paper: 100)."""
+    min_lr: float = 0.0
+    """Cosine decays from the peak lr to this value at `steps` (paper: 3e-7 from 3e-5)."""
+    seed: int = 0
+    """Data order and dropout seed, the same on every rank."""
+    output_dir: str = "runs/debug"
+    """Run folder: resolved config, checkpoints, metrics."""
+    save_every: int = 0
+    """Save a checkpoint every N steps (0: only at the end)."""
+    resume: bool = False
+    """Continue from the latest complete checkpoint in output_dir."""
+    on_nonfinite: str = "stop"
+    """What to do when the loss or grad norm is NaN/Inf: "stop" (keep the last good checkpoint)
+    or "skip" (drop that step's update)."""
+    inject_nan_at_step: int = -1
+    """Debug: make the loss NaN at this step (tests the non-finite guard). -1 disables."""
+
+    def __post_init__(self) -> None:
+        _positive("train.steps", self.steps)
+        _non_negative("train.warmup_steps", self.warmup_steps)
+        _non_negative("train.min_lr", self.min_lr)
+        _non_negative("train.save_every", self.save_every)
+        _one_of("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    """Console and Weights & Biases logging."""
+
+    wandb: str = "auto"
+    """"auto" (online if logged in, else offline), "online", "offline" or "disabled"."""
+    project: str = "ds_upcycle"
+    """W&B project."""
+    group: str = ""
+    """W&B group (ablations share one)."""
+    name: str = ""
+    """W&B run name (default: the output folder's name)."""
+    every: int = 1
+    """Log scalars every N steps."""
+    eval_every: int = 0
+    """Held-out perplexity every N steps (0: only at the start and the end)."""
+    heatmap_every: int = 0
+    """Log a layer x expert load heatmap every N steps (0: only at the end)."""
+    dead_expert_threshold: float = 0.1
+    """An expert is dead when its load is below this fraction of the mean load."""
+    collapse_max_over_mean: float = 0.0
+    """Warn (console + W&B alert) when a layer's max/mean load stays above this (0: off)."""
+    collapse_patience: int = 3
+    """Logging steps the collapse condition must hold before the warning fires."""
+    peak_tflops: float = 0.0
+    """Peak FLOP/s per device, in TFLOP/s, for MFU (0: look the device up in a table)."""
+
+    def __post_init__(self) -> None:
+        _one_of("log.wandb", self.wandb, WANDB_MODES)
+        _positive("log.every", self.every)
+        _non_negative("log.eval_every", self.eval_every)
+        _non_negative("log.heatmap_every", self.heatmap_every)
+        _non_negative("log.dead_expert_threshold", self.dead_expert_threshold)
+        _non_negative("log.collapse_max_over_mean", self.collapse_max_over_mean)
+        _positive("log.collapse_patience", self.collapse_patience)
+        _non_negative("log.peak_tflops", self.peak_tflops)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "moe": MoEConfig,
+    "data": DataConfig,
+    "train": TrainConfig,
+    "log": LogConfig,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One run: the project sections plus the DeepSpeed config they travel with."""
+
+    model: ModelConfig
+    moe: MoEConfig
+    data: DataConfig
+    train: TrainConfig
+    log: LogConfig
+    ds: dict
+    """The DeepSpeed config (everything in the file except the project section)."""
+    source: str = ""
+    """The file this was loaded from."""
+
+    def to_dict(self) -> dict:
+        """The resolved config as one JSON-able dict, in the same shape as a ds_configs file."""
+        out = copy.deepcopy(self.ds)
+        out[PROJECT_KEY] = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        return out
+
+
+# --------------------------------------------------------------------------------------------
+# Loading: a tiny typed loader (no pydantic needed) and the override syntax.
+# --------------------------------------------------------------------------------------------
+
+
+def _check_type(name: str, value: Any, tp: Any) -> Any:
+    """Return value coerced to tp (int -> float only), or raise a ValueError naming the field."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        for arm in typing.get_args(tp):
+            try:
+                return _check_type(name, value, arm)
+            except ValueError:
+                pass
+        raise ValueError(f"{name} ({value!r}) must be one of: {_type_name(tp)}")
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list):
+            raise ValueError(f"{name} ({value!r}) must be a list of {_type_name(item)}")
+        return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is Literal:
+        _one_of(name, value, typing.get_args(tp))
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{name} ({value!r}) must be a number")
+        if not math.isfinite(value):
+            raise ValueError(f"{name} ({value!r}) must be finite")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{name} ({value!r}) must be an integer")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ValueError(f"{name} ({value!r}) must be true or false")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ValueError(f"{name} ({value!r}) must be a string")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {name}")  # internal: a new field type
+
+
+def _type_name(tp: Any) -> str:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if typing.get_origin(tp) is list:
+        return f"list of {_type_name(args[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def build_section(cls: type, section: str, values: dict) -> Any:
+    """Construct dataclass cls from a dict, rejecting unknown keys and wrong types."""
+    if not isinstance(values, dict):
+        raise ValueError(f"{section} ({values!r}) must be a JSON object")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(
+            f"{section}.{unknown[0]} is not a known setting; known {section} settings: " + ", ".join(names)
+        )
+    kwargs = {k: _check_type(f"{section}.{k}", v, hints[k]) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def _parse_value(text: str) -> Any:
+    """Override values are JSON where they parse as JSON (numbers, true, lists), else strings."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def parse_overrides(args: list[str]) -> list[tuple[list[str], Any]]:
+    """Parse ``--a.b.c=value`` (or ``--a.b.c value``) into (path, value) pairs."""
+    out: list[tuple[list[str], Any]] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=", 1)[0]:
+            raise ValueError(
+                f"override {arg!r} is not of the form --section.key=value "
+                f"(sections: {', '.join(SECTIONS)}, or ds.<deepspeed key>)"
+            )
+        if "=" in arg:
+            key, raw = arg[2:].split("=", 1)
+        elif i + 1 < len(args):
+            key, raw = arg[2:], args[i + 1]
+            i += 1
+        else:
+            raise ValueError(f"override {arg!r} has no value; write {arg}=VALUE")
+        out.append((key.split("."), _parse_value(raw)))
+        i += 1
+    return out
+
+
+def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Load a ds_configs JSON file, apply overrides, and validate every section."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {str(path)!r} does not exist; pass a file from ds_configs/")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"config file {str(path)!r} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a JSON object")
+    if "expert_parallel" in raw:
+        raise ValueError(
+            f"config file {str(path)!r} has a top-level 'expert_parallel' key, which switches on "
+            f"DeepSpeed's AutoEP; put MoE settings under '{PROJECT_KEY}.moe' instead"
+        )
+    ds = {k: v for k, v in raw.items() if k != PROJECT_KEY}
+    project = raw.get(PROJECT_KEY, {})
+    if not isinstance(project, dict):
+        raise ValueError(f"{PROJECT_KEY} ({project!r}) must be a JSON object")
+    unknown = sorted(set(project) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"{PROJECT_KEY}.{unknown[0]} is not a known section; sections: {', '.join(SECTIONS)}")
+    project = copy.deepcopy(project)
+    for keys, value in parse_overrides(overrides or []):
+        if keys[0] == "ds":
+            target, keys = ds, keys[1:]
+        elif keys[0] in SECTIONS and len(keys) == 2:
+            target = project.setdefault(keys[0], {})
+            keys = keys[1:]
+        else:
+            raise ValueError(
+                f"override --{'.'.join(keys)} names no setting; use --SECTION.KEY=VALUE with "
+                f"SECTION one of {', '.join(SECTIONS)}, or --ds.<deepspeed key path>=VALUE"
+            )
+        for k in keys[:-1]:
+            target = target.setdefault(k, {})
+        target[keys[-1]] = value
+    _check_no_auto(ds)
+    sections = {name: build_section(cls, name, project.get(name, {})) for name, cls in SECTIONS.items()}
+    return RunConfig(**sections, ds=ds, source=str(path))
+
+
+def _check_no_auto(ds: dict, prefix: str = "") -> None:
+    """``"auto"`` is only resolved by the HF Trainer integration; elsewhere DeepSpeed silently
+    turns it into a default. Refuse it so what runs is what the file says."""
+    for k, v in ds.items():
+        name = f"{prefix}{k}"
+        if v == "auto":
+            raise ValueError(
+                f'DeepSpeed key {name} is "auto", which only the HF Trainer resolves; give a concrete value'
+            )
+        if isinstance(v, dict):
+            _check_no_auto(v, name + ".")

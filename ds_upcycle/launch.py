@@ -1,0 +1,95 @@
+"""Starting jobs through the real `deepspeed` launcher, safely, from Python.
+
+User strings are passed as an argument list, never through a shell. Hostfiles are checked
+before any process starts. DeepSpeed's CPU comm op leaves a ~69 MB
+/dev/shm/deepspeed_allreduce_buffer_* file per (master port, rank) and never removes it
+(deepspeed/ops/csrc/cpu/comm/shm.cpp); :func:`run_launcher` removes the ones its run created.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+_HOST_LINE = re.compile(r"^\s*(\S+)\s+slots=(\d+)\s*$")
+
+
+def read_hostfile(path: str | Path) -> dict[str, int]:
+    """Parse a DeepSpeed hostfile (``host slots=N`` lines, ``#`` comments), or raise ValueError
+    naming the file, the line and the fix."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"hostfile ({str(path)!r}) does not exist; see hostfiles/ for examples")
+    hosts: dict[str, int] = {}
+    for n, raw in enumerate(p.read_text().splitlines(), 1):
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = _HOST_LINE.match(line)
+        if not m or int(m.group(2)) < 1:
+            raise ValueError(f"hostfile {str(path)!r} line {n} ({raw.strip()!r}) must be 'HOST slots=N' with N >= 1")
+        if m.group(1) in hosts:
+            raise ValueError(f"hostfile {str(path)!r} line {n} repeats host {m.group(1)!r}; list each host once")
+        hosts[m.group(1)] = int(m.group(2))
+    if not hosts:
+        raise ValueError(f"hostfile {str(path)!r} lists no hosts; add lines like 'localhost slots=2'")
+    return hosts
+
+
+def is_local(hosts: dict[str, int]) -> bool:
+    return list(hosts) in (["localhost"], ["127.0.0.1"])
+
+
+def launcher_cmd(
+    module: str,
+    args: list[str],
+    *,
+    num_gpus: int | None = None,
+    hostfile: str | Path | None = None,
+    master_port: int | None = None,
+) -> list[str]:
+    """The `deepspeed ... --module MODULE ARGS` argument list.
+
+    A single-host hostfile (localhost) gets ``--no_ssh_check --master_addr 127.0.0.1``, which a
+    machine without an ssh server needs. ``num_gpus`` and a multi-host hostfile conflict (the
+    launcher would silently take the hostfile's slots) and are refused.
+    """
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner"]
+    if hostfile is not None:
+        hosts = read_hostfile(hostfile)
+        if num_gpus is not None and not is_local(hosts):
+            raise ValueError(
+                f"--num_gpus ({num_gpus}) conflicts with multi-host hostfile {str(hostfile)!r}; "
+                "set slots in the hostfile instead"
+            )
+        cmd += ["--hostfile", str(hostfile)]
+        if is_local(hosts):
+            cmd += ["--no_ssh_check", "--master_addr", "127.0.0.1"]
+    else:
+        cmd += ["--no_ssh_check", "--master_addr", "127.0.0.1"]
+    if num_gpus is not None:
+        if num_gpus < 1:
+            raise ValueError(f"--num_gpus ({num_gpus}) must be >= 1")
+        cmd += ["--num_gpus", str(num_gpus)]
+    if master_port is not None:
+        cmd += ["--master_port", str(master_port)]
+    return cmd + ["--module", module, *args]
+
+
+def _shm_files() -> set[Path]:
+    shm = Path("/dev/shm")
+    return set(shm.glob("deepspeed_*")) if shm.is_dir() else set()
+
+
+def run_launcher(cmd: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """Run a launcher command (no shell); remove the /dev/shm files this run created."""
+    before = _shm_files()
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    try:
+        return subprocess.run(cmd, env=full_env, **kwargs)
+    finally:
+        for f in _shm_files() - before:
+            f.unlink(missing_ok=True)

@@ -1,0 +1,52 @@
+"""Shared fixtures: a one-process DeepSpeed world, tiny Llama models, and the real launcher."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from ds_upcycle.launch import launcher_cmd, run_launcher
+
+ROOT = Path(__file__).resolve().parents[1]
+LOCAL_HOSTFILE = ROOT / "hostfiles" / "localhost"
+# A fixed port for every launcher run in the suite: DeepSpeed's CPU comm op leaves one ~69 MB
+# /dev/shm/deepspeed_allreduce_buffer_* file per (port, rank) and never removes it, so fresh
+# ports would fill RAM (see ../shared/NOTES.md). Runs are sequential, so one port is enough.
+LAUNCH_PORT = int(os.environ.get("DS_UPCYCLE_TEST_PORT", "29731"))
+
+
+@pytest.fixture(scope="session")
+def dist_world():
+    """A one-rank process group (DeepSpeed's MoE layer needs one even at ep_size 1)."""
+    from ds_upcycle.distributed import init_distributed
+
+    return init_distributed()
+
+
+@pytest.fixture
+def tiny_llama():
+    """Factory: a tiny random LlamaForCausalLM (fp32, eval) for a variant of ds_upcycle.tiny."""
+    from transformers import LlamaForCausalLM
+
+    from ds_upcycle.tiny import tiny_llama_config
+
+    def make(variant: str = "gqa", seed: int = 0, **overrides):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(tiny_llama_config(variant, **overrides)).eval()
+
+    return make
+
+
+def launch(module: str, args: list[str], nprocs: int = 2, timeout: float = 600, env: dict | None = None):
+    """Run `deepspeed --module MODULE ARGS` with the localhost hostfile and `nprocs` CPU ranks."""
+    cmd = launcher_cmd(module, args, num_gpus=nprocs, hostfile=LOCAL_HOSTFILE, master_port=LAUNCH_PORT)
+    env = {"OMP_NUM_THREADS": "1", **(env or {})}
+    return run_launcher(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+@pytest.fixture
+def launcher():
+    return launch
