@@ -11,6 +11,9 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("ds_upcycle.cli", "dense -> MoE parameters, FLOPs and per-rank memory, from config.json alone"),
     "check": ("ds_upcycle.parity", "upcycle a model and prove its logits equal the dense model's"),
+    "train": ("ds_upcycle.train", "validate a ds_configs run and start it through the deepspeed launcher"),
+    "ablate": ("ds_upcycle.ablate", "run several configs on the same data and seed and compare them"),
+    "make-tiny": ("ds_upcycle.tiny", "write a tiny Llama checkpoint and corpus for the CPU debug config"),
     "demo": ("ds_upcycle.demo", "the main job on the embedded default"),
 }
 
@@ -40,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {name!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     module = importlib.import_module(COMMANDS[name][0])
-    entry = getattr(module, f"{name}_main", None) or module.main
+    entry = getattr(module, f"{name.replace('-', '_')}_main", None) or module.main
     return entry(rest)
 
 

@@ -218,6 +218,10 @@ class TrainConfig:
     """Save a checkpoint every N steps (0: only at the end)."""
     resume: bool = False
     """Continue from the latest complete checkpoint in output_dir."""
+    stop_after: int = 0
+    """Stop after this step (with a checkpoint), to resume later on the same schedule (0: run to steps)."""
+    timeout_s: float = 300.0
+    """Collective timeout: a dead or stuck rank fails the job after this long instead of hanging it."""
     on_nonfinite: str = "stop"
     """What to do when the loss or grad norm is NaN/Inf: "stop" (keep the last good checkpoint)
     or "skip" (drop that step's update)."""
@@ -229,6 +233,8 @@ class TrainConfig:
         _non_negative("train.warmup_steps", self.warmup_steps)
         _non_negative("train.min_lr", self.min_lr)
         _non_negative("train.save_every", self.save_every)
+        _non_negative("train.stop_after", self.stop_after)
+        _positive("train.timeout_s", self.timeout_s)
         _one_of("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
 
 
@@ -244,6 +250,8 @@ class LogConfig:
     """W&B group (ablations share one)."""
     name: str = ""
     """W&B run name (default: the output folder's name)."""
+    notes: str = ""
+    """W&B run notes (ablate records each run's config difference from the first here)."""
     every: int = 1
     """Log scalars every N steps."""
     eval_every: int = 0

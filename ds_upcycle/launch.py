@@ -43,6 +43,15 @@ def is_local(hosts: dict[str, int]) -> bool:
     return list(hosts) in (["localhost"], ["127.0.0.1"])
 
 
+def world_size(num_gpus: int | None, hostfile: str | Path | None) -> int:
+    """The number of ranks a launch will start: a multi-host hostfile's slots, else num_gpus (1)."""
+    if hostfile is not None:
+        hosts = read_hostfile(hostfile)
+        if not (num_gpus and is_local(hosts)):
+            return sum(hosts.values())
+    return num_gpus or 1
+
+
 def launcher_cmd(
     module: str,
     args: list[str],

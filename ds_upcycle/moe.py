@@ -10,6 +10,8 @@ Shape legend: B batch, S sequence, D hidden, T = B*S tokens, E experts (global).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from deepspeed.moe.layer import MoE
@@ -23,7 +25,8 @@ class MoEBlock(nn.Module):
 
     After each forward, ``aux_loss`` (scalar, with grad), ``z_loss`` (scalar or None),
     ``exp_counts`` (local routed-token counts per expert before any dropping, [E]) and
-    ``num_tokens`` (local T) describe that forward.
+    ``num_tokens`` (local T) and ``dropped_tokens`` (routes past capacity, 0 when dropless)
+    describe that forward.
     """
 
     def __init__(self, hidden_size: int, expert: nn.Module, cfg: MoEConfig) -> None:
@@ -49,11 +52,15 @@ class MoEBlock(nn.Module):
         )
         self.num_experts = cfg.num_experts
         self.top_k = cfg.top_k
+        self.drop_tokens = cfg.drop_tokens
+        self.capacity_factors = (cfg.eval_capacity_factor, cfg.capacity_factor)  # (eval, train)
+        self.min_capacity = cfg.min_capacity
         self.global_balance = cfg.balance == "global_batch"
         self.with_z_loss = cfg.z_loss_coef > 0
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
         self.exp_counts: torch.Tensor | None = None
+        self.dropped_tokens: torch.Tensor | int = 0
         self.num_tokens = 0
 
     @property
@@ -71,6 +78,12 @@ class MoEBlock(nn.Module):
         self.exp_counts = exp_counts
         self.num_tokens = x_BSD.numel() // x_BSD.shape[-1]
         self.aux_loss = l_aux
+        if self.drop_tokens:
+            # Capacity as DeepSpeed computes it from the local token count (sharded_moe.py
+            # _capacity with capacity_factor * k); routes past it are dropped.
+            cf = self.capacity_factors[int(self.training)]
+            capacity = max(math.ceil(self.num_tokens / self.num_experts * cf * self.top_k), self.min_capacity)
+            self.dropped_tokens = (exp_counts - capacity).clamp(min=0).sum()
         if self.global_balance or self.with_z_loss:
             # DeepSpeed's gate does not expose its logits; recompute them (E columns: cheap).
             logits_TE = F.linear(x_BSD.reshape(-1, x_BSD.shape[-1]).float(), self.gate_weight.float())

@@ -50,3 +50,30 @@ def launch(module: str, args: list[str], nprocs: int = 2, timeout: float = 600, 
 @pytest.fixture
 def launcher():
     return launch
+
+
+@pytest.fixture(scope="session")
+def tiny_setup(tmp_path_factory):
+    """A tiny Llama checkpoint folder (safetensors + tokenizer) and a text corpus, on disk."""
+    from ds_upcycle.tiny import write_tiny_setup
+
+    return write_tiny_setup(tmp_path_factory.mktemp("tiny_setup"))
+
+
+DEBUG_CONFIG = ROOT / "ds_configs" / "cpu_debug_zero2_ep2.json"
+
+
+def debug_overrides(tiny_setup: dict, out_dir, **extra) -> list[str]:
+    """Point the CPU debug config at the session's tiny setup and a run folder."""
+    base = {
+        "model.path": tiny_setup["model"],
+        "data.train": [tiny_setup["train"]],
+        "data.eval": [tiny_setup["eval"]],
+        "train.output_dir": str(out_dir),
+        "data.cache_dir": str(Path(tiny_setup["model"]).parent / "cache"),
+        "log.wandb": "offline",
+    }
+    base.update(extra)
+    import json
+
+    return [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
