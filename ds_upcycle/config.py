@@ -155,6 +155,8 @@ class ModelConfig:
     path: str = ""
     """Dense HF checkpoint folder (safetensors) to upcycle online, or an HF Mixtral folder from
     `ds-upcycle upcycle`."""
+    upcycle: bool = True
+    """False trains the dense model as it is, through the same loop: the dense baseline."""
     dtype: str = "fp32"
     """Weights dtype for training: "fp32" (CPU) or "bf16" (GPU; must match the DeepSpeed bf16 section)."""
     activation_checkpointing: bool = False
@@ -226,7 +228,9 @@ class TrainConfig:
     """What to do when the loss or grad norm is NaN/Inf: "stop" (keep the last good checkpoint)
     or "skip" (drop that step's update)."""
     inject_nan_at_step: int = -1
-    """Debug: make the loss NaN at this step (tests the non-finite guard). -1 disables."""
+    """Debug: make the loss NaN at this 0-based step (tests the non-finite guard). -1 disables."""
+    inject_crash_in_save_at_step: int = -1
+    """Debug: kill rank 0 midway through the save at this step (tests atomic saves). -1 disables."""
 
     def __post_init__(self) -> None:
         _positive("train.steps", self.steps)
@@ -266,6 +270,10 @@ class LogConfig:
     """Logging steps the collapse condition must hold before the warning fires."""
     peak_tflops: float = 0.0
     """Peak FLOP/s per device, in TFLOP/s, for MFU (0: look the device up in a table)."""
+    sample_prompt: str = ""
+    """If set, a greedy continuation of this prompt is generated at the start and the end (summary.json)."""
+    sample_tokens: int = 24
+    """New tokens in each greedy sample."""
 
     def __post_init__(self) -> None:
         _one_of("log.wandb", self.wandb, WANDB_MODES)
@@ -423,7 +431,12 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
             f"config file {str(path)!r} has a top-level 'expert_parallel' key, which switches on "
             f"DeepSpeed's AutoEP; put MoE settings under '{PROJECT_KEY}.moe' instead"
         )
-    ds = {k: v for k, v in raw.items() if k != PROJECT_KEY}
+    return run_config_from_dict(raw, overrides, str(path))
+
+
+def run_config_from_dict(raw: dict, overrides: list[str] | None = None, source: str = "") -> RunConfig:
+    """Build and validate a RunConfig from a ds_configs-shaped dict (e.g. one saved in a checkpoint)."""
+    ds = copy.deepcopy({k: v for k, v in raw.items() if k != PROJECT_KEY})
     project = raw.get(PROJECT_KEY, {})
     if not isinstance(project, dict):
         raise ValueError(f"{PROJECT_KEY} ({project!r}) must be a JSON object")
@@ -447,7 +460,7 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         target[keys[-1]] = value
     _check_no_auto(ds)
     sections = {name: build_section(cls, name, project.get(name, {})) for name, cls in SECTIONS.items()}
-    return RunConfig(**sections, ds=ds, source=str(path))
+    return RunConfig(**sections, ds=ds, source=source)
 
 
 def _check_no_auto(ds: dict, prefix: str = "") -> None:
