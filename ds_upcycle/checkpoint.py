@@ -54,8 +54,12 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def save(engine, root: Path, step: int, state: dict, rank: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder."""
+def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_commit: bool = False) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint folder.
+
+    crash_before_commit (a debug hook for tests) kills rank 0 after the files are written and
+    before the manifest and the latest pointer: what a save interrupted midway leaves behind.
+    """
     tag = tag_for(step)
     folder = root / tag
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
@@ -64,6 +68,8 @@ def save(engine, root: Path, step: int, state: dict, rank: int) -> Path:
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, folder / f"ds_upcycle_rank{rank:05d}.pt")
     _barrier()  # every rank's files are on disk
+    if crash_before_commit and rank == 0:
+        os._exit(17)
     if rank == 0:
         atomic_write_text(folder / STATE, json.dumps({"step": step, **state}, indent=2))
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
@@ -102,6 +108,32 @@ def verify(folder: Path) -> dict:
     return json.loads((folder / STATE).read_text())
 
 
+def _deepspeed_safe_globals() -> list:
+    """The only non-tensor classes DeepSpeed 0.19 pickles into ZeRO-1/2 checkpoints."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def check_safe_to_unpickle(folder: Path) -> None:
+    """Load every .pt file with ``weights_only=True`` and only DeepSpeed's three known classes
+    allowed, before DeepSpeed's own loader (which uses ``weights_only=False``,
+    deepspeed/runtime/checkpoint_engine/torch_checkpoint_engine.py) touches them. A file that needs
+    anything else is refused, so an arbitrary pickle is never unpickled."""
+    allowed = _deepspeed_safe_globals()
+    for f in sorted(folder.glob("*.pt")):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as e:  # the unpickler raises several types; all mean "not safe"
+            raise ValueError(
+                f"checkpoint file {f} holds objects outside the safe allow-list ({type(e).__name__}); "
+                "refusing to unpickle it. Only resume from checkpoints this tool wrote"
+            ) from None
+
+
 def load(engine, root: Path, rank: int) -> dict | None:
     """Collective: resume from ``root``'s latest complete checkpoint. Returns its state, or None
     when there is none yet (a fresh start)."""
@@ -110,6 +142,7 @@ def load(engine, root: Path, rank: int) -> dict | None:
         return None
     folder = root / tag
     state = verify(folder)
+    check_safe_to_unpickle(folder)
     load_path, _ = engine.load_checkpoint(
         str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True, load_module_strict=True
     )

@@ -196,6 +196,11 @@ def load_blocks(
 
     key = _fingerprint(files, tokenizer, cfg.seq_len, cfg.text_field, cfg.skip_bad_records)
     blocks, info["cached"] = _cached_blocks(cache_dir, key, build, is_writer)
+    counts = cache_dir / f"blocks_{key}.skipped"  # so a cached re-run reports the same count
+    if info["cached"] and counts.is_file():
+        info["skipped"] = int(counts.read_text())
+    elif is_writer and not info["cached"]:
+        counts.write_text(str(info["skipped"]))
     return blocks, info
 
 

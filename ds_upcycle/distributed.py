@@ -47,3 +47,12 @@ def strip_local_rank(argv: list[str]) -> list[str]:
         else:
             out.append(a)
     return out
+
+
+def shutdown_distributed() -> None:
+    """Barrier, then destroy the process group. Without it a rank that exits while its peer's gloo
+    threads are still alive can abort at interpreter exit ("terminate called without an active
+    exception"), turning a finished job into a failed one."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

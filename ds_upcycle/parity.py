@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from ds_upcycle.config import MoEConfig
-from ds_upcycle.distributed import init_distributed, strip_local_rank
+from ds_upcycle.distributed import init_distributed, shutdown_distributed, strip_local_rank
 from ds_upcycle.tiny import VARIANTS
 
 
@@ -143,6 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=2))
+    shutdown_distributed()
     return 0 if result["passed"] else 1
 
 

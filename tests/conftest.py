@@ -77,3 +77,25 @@ def debug_overrides(tiny_setup: dict, out_dir, **extra) -> list[str]:
     import json
 
     return [f"--{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in base.items()]
+
+
+def losses(run_dir) -> dict[int, float]:
+    """{step: loss/lm} from a run's metrics.jsonl."""
+    import json
+
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss/lm"] for r in rows if "loss/lm" in r}
+
+
+REFERENCE_STEPS = 20
+
+
+@pytest.fixture(scope="session")
+def reference_run(tiny_setup, tmp_path_factory):
+    """An uninterrupted 20-step 2-rank run (ZeRO-2, ep 2), saving at step 10 and 20: the
+    reference that resumed and interrupted runs must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    overrides = debug_overrides(tiny_setup, out, **{"train.steps": REFERENCE_STEPS, "train.save_every": 10})
+    proc = launch("ds_upcycle.train", [str(DEBUG_CONFIG), *overrides])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return out

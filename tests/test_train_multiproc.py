@@ -4,11 +4,11 @@ import json
 import math
 
 import pytest
-from conftest import DEBUG_CONFIG, ROOT, debug_overrides
+from conftest import DEBUG_CONFIG, REFERENCE_STEPS, ROOT, debug_overrides, losses
 from wandb_records import find_run_file, read_config, read_history
 
 pytestmark = pytest.mark.slow
-STEPS = 20
+STEPS = REFERENCE_STEPS
 
 
 def _train(launcher, tiny_setup, out, **extra):
@@ -18,23 +18,14 @@ def _train(launcher, tiny_setup, out, **extra):
 
 
 @pytest.fixture(scope="module")
-def full_run(tiny_setup, tmp_path_factory):
-    from conftest import launch
-
-    out = tmp_path_factory.mktemp("full") / "run"
-    _train(launch, tiny_setup, out, **{"train.steps": STEPS, "train.save_every": 10})
-    return out
-
-
-def _losses(out):
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss/lm"] for r in rows if "loss/lm" in r}
+def full_run(reference_run):
+    return reference_run
 
 
 def test_loss_goes_down(full_run):
-    losses = _losses(full_run)
-    assert sorted(losses) == list(range(1, STEPS + 1))
-    assert losses[STEPS] < losses[1] - 1.0, losses
+    curve = losses(full_run)
+    assert sorted(curve) == list(range(1, STEPS + 1))
+    assert curve[STEPS] < curve[1] - 1.0, curve
     summary = json.loads((full_run / "summary.json").read_text())
     assert summary["eval_loss_end"] < summary["eval_loss_start"]
     assert summary["world_size"] == 2 and summary["steps_done"] == STEPS
@@ -75,7 +66,7 @@ def test_exact_resume(full_run, launcher, tiny_setup, tmp_path):
     _train(launcher, tiny_setup, out, **{"train.steps": STEPS, "train.stop_after": 10})
     assert (out / "checkpoints" / "latest_complete").read_text() == "step_00000010"
     _train(launcher, tiny_setup, out, **{"train.steps": STEPS, "train.resume": True})
-    full, resumed = _losses(full_run), _losses(out)
+    full, resumed = losses(full_run), losses(out)
     assert sorted(resumed) == list(range(1, STEPS + 1))  # no step repeated or skipped
     worst = max(abs(full[s] - resumed[s]) for s in range(11, STEPS + 1))
     print(f"exact resume: max |loss difference| over steps 11-{STEPS} = {worst:.3e}")
