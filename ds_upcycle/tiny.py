@@ -61,7 +61,9 @@ def synthetic_corpus(n_docs: int, seed: int = 0) -> list[str]:
     return docs
 
 
-def write_tiny_setup(out_dir, variant: str = "gqa", n_docs: int = 400, seed: int = 0, num_layers: int = 2) -> dict:
+def write_tiny_setup(
+    out_dir, variant: str = "gqa", n_docs: int = 400, seed: int = 0, num_layers: int = 2, **overrides
+) -> dict:
     """Write <out>/model (tiny random Llama + byte-level BPE tokenizer) and <out>/corpus/*.txt.
 
     Returns the paths. Everything is real: `transformers` loads the model folder, `datasets`
@@ -98,6 +100,7 @@ def write_tiny_setup(out_dir, variant: str = "gqa", n_docs: int = 400, seed: int
         num_hidden_layers=num_layers,
         bos_token_id=fast.bos_token_id,
         eos_token_id=fast.eos_token_id,
+        **overrides,
     )
     LlamaForCausalLM(cfg).save_pretrained(model_dir, safe_serialization=True)
     return {

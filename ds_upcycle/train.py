@@ -74,6 +74,11 @@ def validate(cfg: RunConfig, world_size: int) -> dict:
     lr = (ds.get("optimizer") or {}).get("params", {}).get("lr")
     if not isinstance(lr, (int, float)) or lr <= 0:
         raise ValueError(f"optimizer.params.lr ({lr!r}) must be a positive number: the peak learning rate")
+    if cfg.train.min_lr > lr:
+        raise ValueError(
+            f"train.min_lr ({cfg.train.min_lr}) is above the peak optimizer.params.lr ({lr}); the cosine would "
+            "rise instead of decay. Set train.min_lr <= the peak"
+        )
     if "scheduler" in ds:
         raise ValueError(
             "the DeepSpeed 'scheduler' section is not used: the schedule is train.warmup_steps, train.steps "
@@ -95,6 +100,10 @@ def validate(cfg: RunConfig, world_size: int) -> dict:
             f"use data.seq_len <= {max_pos}"
         )
     moe.layer_indices(hf.num_hidden_layers)
+    if hf.model_type == "mixtral":
+        from ds_upcycle.export import check_mixtral_start
+
+        check_mixtral_start(hf, moe)
     if not cfg.data.train and not cfg.data.hub_dataset:
         raise ValueError("data.train is empty; give training files (globs allowed) or data.hub_dataset")
     if cfg.data.train:
@@ -156,6 +165,20 @@ def evaluate_loss(engine, batches: list[torch.Tensor], device) -> float:
     return float(total[0] / total[1])
 
 
+@torch.no_grad()
+def greedy_sample(engine, tokenizer, prompt: str, new_tokens: int, device) -> str:
+    """A greedy continuation (collective: every rank generates the same tokens, so every rank
+    calls each MoE layer the same number of times)."""
+    engine.eval()
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    out = engine.module.generate(
+        ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+        pad_token_id=tokenizer.eos_token_id, use_cache=True,
+    )  # fmt: skip
+    engine.train()
+    return tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+
+
 def run(cfg: RunConfig) -> dict:
     """Train one rank. Returns the run summary (the same on every rank)."""
     import deepspeed
@@ -209,13 +232,21 @@ def run(cfg: RunConfig) -> dict:
         held_out, _ = load_blocks(cfg.data.eval, "data.eval", tokenizer, cfg.data, cache_dir, rank == 0)
     else:
         train_blocks, held_out = split_train_eval(blocks, cfg.data.eval_fraction)
+    if info.get("skipped") and rank == 0:
+        log.warning("skipped %d malformed records (data.skip_bad_records=true)", info["skipped"])
     sampler = BlockSampler(len(train_blocks), micro, accum, world, rank, cfg.train.seed)
     evals = eval_batches(held_out, micro, world, rank, cfg.data.eval_batches)
 
     # Model: every rank loads the dense weights and builds only its own experts.
-    model = load_dense_model(cfg.model.path, cfg.model.dtype)
-    hf_config = model.config
-    upcycle(model, cfg.moe)
+    if derived["hf_config"].model_type == "mixtral":  # e.g. the output of `ds-upcycle upcycle`
+        from ds_upcycle.export import load_mixtral_as_moe
+
+        model = load_mixtral_as_moe(cfg.model.path, cfg.moe, cfg.model.dtype)
+    elif cfg.model.upcycle:
+        model = upcycle(load_dense_model(cfg.model.path, cfg.model.dtype), cfg.moe)
+    else:
+        model = load_dense_model(cfg.model.path, cfg.model.dtype)  # the dense baseline
+    hf_config = derived["hf_config"]
     model.to(device)
     if cfg.model.activation_checkpointing:
         # Non-reentrant: the reentrant variant gives the captured aux loss no gradient, so
@@ -225,9 +256,9 @@ def run(cfg: RunConfig) -> dict:
     blocks_moe = moe_blocks(model)
     layers = [i for i, _ in blocks_moe]
 
-    groups = split_params_into_different_moe_groups_for_optimizer(
-        {"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"}
-    )
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"}]
+    if blocks_moe:  # expert parameters get their own groups (reduced over expert-data-parallel ranks)
+        groups = split_params_into_different_moe_groups_for_optimizer(groups[0])
     schedule = lr_lambda(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr / derived["peak_lr"])
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
@@ -245,7 +276,7 @@ def run(cfg: RunConfig) -> dict:
                 log.info("resumed from %s at step %d", ckpt_root / checkpoint.tag_for(start), start)
 
     plan = make_plan(hf_config, cfg.moe, world, cfg.data.seq_len, cfg.model.dtype)
-    flops_per_token = plan.train_flops_per_token(moe=True)
+    flops_per_token = plan.train_flops_per_token(moe=bool(blocks_moe))
     peak, peak_source = peak_tflops(device, DTYPES[cfg.model.dtype], cfg.log.peak_tflops)
     logger = RunLogger(
         out,
@@ -268,11 +299,13 @@ def run(cfg: RunConfig) -> dict:
         "data": info,
         "wandb": logger.url,
     }
+    if cfg.log.sample_prompt and start == 0:
+        summary["sample_start"] = greedy_sample(engine, tokenizer, cfg.log.sample_prompt, cfg.log.sample_tokens, device)
     if start == 0:
         summary["eval_loss_start"] = evaluate_loss(engine, evals, device)
         logger.log({"eval/loss": summary["eval_loss_start"], "eval/ppl": math.exp(summary["eval_loss_start"])}, 0)
 
-    collapse_streak, skipped, step_times = 0, 0, []
+    collapse_streak, skipped, step_times, opt_times = 0, 0, [], []
     last_metrics: dict = {}
     nonfinite = None
     step = start
@@ -280,12 +313,14 @@ def run(cfg: RunConfig) -> dict:
         t0 = time.perf_counter()
         lr_used = scheduler.get_last_lr()[0]  # the LR this step applies (get_last_lr moves on after it)
         sums = torch.zeros(3, dtype=torch.float64)
+        opt_time = 0.0
         for a in range(accum):
             ids = batch_of(train_blocks, sampler.indices(step, a)).to(device)
             lm = engine(input_ids=ids, labels=ids).loss
-            aux = sum(b.aux_loss for _, b in blocks_moe)
+            zero = torch.zeros((), device=device)
+            aux = sum((b.aux_loss for _, b in blocks_moe), zero)
             loss = lm + cfg.moe.aux_loss_coef * aux
-            z = sum(b.z_loss for _, b in blocks_moe) if cfg.moe.z_loss_coef > 0 else torch.zeros(())
+            z = sum((b.z_loss for _, b in blocks_moe), zero) if cfg.moe.z_loss_coef > 0 else zero
             if cfg.moe.z_loss_coef > 0:
                 loss = loss + cfg.moe.z_loss_coef * z
             if step == cfg.train.inject_nan_at_step:
@@ -302,7 +337,9 @@ def run(cfg: RunConfig) -> dict:
                 loss = sum((p * 0).sum() for p in engine.module.parameters() if p.requires_grad)
                 lm = torch.zeros(())
             engine.backward(loss)
-            engine.step()
+            t_opt = time.perf_counter()
+            engine.step()  # the optimizer runs at the accumulation boundary; its cost grows with total params
+            opt_time += time.perf_counter() - t_opt
             sums += torch.tensor([lm.item(), aux.item(), z.item()], dtype=torch.float64)
         if nonfinite:
             break
@@ -311,6 +348,7 @@ def run(cfg: RunConfig) -> dict:
             nonfinite = f"gradient norm is NaN/Inf at step {step + 1}"
             break
         step_times.append(time.perf_counter() - t0)
+        opt_times.append(opt_time)
         done = step + 1
         if done % cfg.log.every == 0 or done == stop:
             lm_mean, aux_mean, z_mean = _all_mean((sums / accum).tolist(), device)
@@ -326,23 +364,26 @@ def run(cfg: RunConfig) -> dict:
                 "optim/grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
                 "optim/skipped_microbatches": skipped,
                 "throughput/step_time_s": dt,
+                "throughput/optimizer_s": opt_time,
                 "throughput/tokens_per_s": tps,
                 "throughput/tokens_per_s_per_device": tps / world,
                 "throughput/tflops_per_device": flops_per_token * tps / world / 1e12,
                 "throughput/mfu": mfu(flops_per_token, tps / world, peak),
                 "memory/peak_gib": peak_memory_gib(device),
                 "train/tokens_seen": done * tokens_per_step,
-                **router_metrics(layers, counts, dropped, cfg.log.dead_expert_threshold),
             }
+            if layers:
+                metrics.update(router_metrics(layers, counts, dropped, cfg.log.dead_expert_threshold))
             images = None
-            if cfg.log.heatmap_every and (done % cfg.log.heatmap_every == 0 or done == 1):
+            if layers and cfg.log.heatmap_every and (done % cfg.log.heatmap_every == 0 or done == 1):
                 if rank == 0:
                     (out / "heatmaps").mkdir(exist_ok=True)
                     png = heatmap_png(counts, layers, out / "heatmaps" / f"step_{done:06d}.png", f"step {done}")
                     images = {"router/load_heatmap": str(png)}
-            if cfg.log.collapse_max_over_mean > 0:
+            if layers and cfg.log.collapse_max_over_mean > 0:
                 collapsed = metrics["router/max_over_mean_worst"] > cfg.log.collapse_max_over_mean
                 collapse_streak = collapse_streak + 1 if collapsed else 0
+                metrics["alerts/router_collapse"] = float(collapse_streak >= cfg.log.collapse_patience)
                 if collapse_streak >= cfg.log.collapse_patience:
                     logger.alert(
                         "router collapse",
@@ -355,13 +396,15 @@ def run(cfg: RunConfig) -> dict:
                 log.info(
                     "step %d/%d | loss %.4f | aux %.4f | lr %.2e | %.0f tok/s | MFU %.1f%% | max/mean %.2f",
                     done, cfg.train.steps, lm_mean, aux_mean, metrics["optim/lr"], tps,
-                    100 * metrics["throughput/mfu"], metrics["router/max_over_mean_worst"],
+                    100 * metrics["throughput/mfu"], metrics.get("router/max_over_mean_worst", float("nan")),
                 )  # fmt: skip
         if cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != stop:
             ev = evaluate_loss(engine, evals, device)
             logger.log({"eval/loss": ev, "eval/ppl": math.exp(ev)}, done)
         if cfg.train.save_every and done % cfg.train.save_every == 0 and done != stop:
-            checkpoint.save(engine, ckpt_root, done, _state(cfg, done), rank)
+            checkpoint.save(
+                engine, ckpt_root, done, _state(cfg, done), rank, done == cfg.train.inject_crash_in_save_at_step
+            )
 
     if nonfinite:
         logger.alert("non-finite loss", f"{nonfinite}; stopping. The last good checkpoint is kept, nothing is saved.")
@@ -373,13 +416,20 @@ def run(cfg: RunConfig) -> dict:
         )
     done = stop if stop > start else start
     if stop > start:
-        checkpoint.save(engine, ckpt_root, done, _state(cfg, done), rank)
+        checkpoint.save(
+            engine, ckpt_root, done, _state(cfg, done), rank, done == cfg.train.inject_crash_in_save_at_step
+        )
     summary["eval_loss_end"] = evaluate_loss(engine, evals, device)
+    if cfg.log.sample_prompt:
+        summary["sample_end"] = greedy_sample(engine, tokenizer, cfg.log.sample_prompt, cfg.log.sample_tokens, device)
     logger.log({"eval/loss": summary["eval_loss_end"], "eval/ppl": math.exp(summary["eval_loss_end"])}, done)
     if step_times:
         steady = step_times[1:] or step_times  # the first step includes warm-up
         summary["tokens_per_s"] = tokens_per_step / (sum(steady) / len(steady))
         summary["mfu"] = mfu(flops_per_token, summary["tokens_per_s"] / world, peak)
+        steady_opt = opt_times[1:] or opt_times
+        summary["step_time_s"] = sum(steady) / len(steady)
+        summary["optimizer_s"] = sum(steady_opt) / len(steady_opt)
     summary.update(
         steps_done=done,
         final_train_loss=last_metrics.get("loss/lm"),
@@ -419,9 +469,12 @@ def worker_main(argv: list[str] | None = None) -> int:
         print(main.__doc__)
         return 0 if argv else 2
     _setup_logging()
+    from ds_upcycle.distributed import shutdown_distributed
+
     try:
         cfg = load_run_config(argv[0], argv[1:])
         run(cfg)
+        shutdown_distributed()
     except (ValueError, NonFiniteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2 if isinstance(e, ValueError) else 3
@@ -466,7 +519,14 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run_launcher(cmd).returncode
+    rc = run_launcher(cmd).returncode
+    if rc != 0:
+        print(
+            f"error: the training job failed (exit {rc}); the launcher's last lines above name the rank "
+            "(--local_rank=N) that exited first. Complete checkpoints are kept; resume with --train.resume=true",
+            file=sys.stderr,
+        )
+    return rc
 
 
 if __name__ == "__main__":

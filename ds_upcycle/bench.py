@@ -1,0 +1,390 @@
+"""`ds-upcycle bench`: measured speed and memory, printed as a Markdown table and written as JSON.
+
+    ds-upcycle bench conversion --sizes 0.5 2.5    # offline upcycle: GB/s and peak RSS vs size
+    ds-upcycle bench block                         # MoE block vs dense MLP vs HF Mixtral block
+    ds-upcycle bench step                          # training step, upcycled vs dense, 1 and 2 CPU ranks
+    ds-upcycle bench gpu                           # the same on one GPU, bf16 (benchmarks/gpu_h200.sh)
+
+Every run records the machine, software versions, shapes and repeats. Timings are medians;
+nothing here is asserted in tests except the memory bound of the streaming conversion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def machine_info() -> dict:
+    import deepspeed
+    import transformers
+
+    return {
+        "cpu": platform.processor() or platform.machine(),
+        "cores": os.cpu_count(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "deepspeed": deepspeed.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# Conversion
+# --------------------------------------------------------------------------------------------
+
+
+def conversion_shape(size_gb: float) -> dict:
+    """A Llama config (hidden 2048, intermediate 8192, vocab 32000) deep enough for ~size_gb in fp32."""
+    hidden, inter, vocab = 2048, 8192, 32000
+    per_layer = (4 * hidden * hidden + 3 * hidden * inter + 2 * hidden) * 4
+    fixed = (2 * vocab * hidden + hidden) * 4
+    layers = max(1, round((size_gb * 1e9 - fixed) / per_layer))
+    return dict(hidden_size=hidden, intermediate_size=inter, vocab_size=vocab, num_hidden_layers=layers,
+                num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)  # fmt: skip
+
+
+def write_random_dense(out: Path, shape: dict, max_shard_bytes: int = 2 * 10**9) -> int:
+    """A dense Llama checkpoint of random weights, written tensor by tensor. Returns its bytes."""
+    from transformers import LlamaConfig
+
+    from ds_upcycle.safetensors_stream import TensorSpec, write_sharded
+
+    cfg = LlamaConfig(**shape)
+    out.mkdir(parents=True, exist_ok=True)
+    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    shapes = {"model.embed_tokens.weight": (v, h)}
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        for proj in "qkvo":
+            shapes[p + f"self_attn.{proj}_proj.weight"] = (h, h)
+        shapes[p + "mlp.gate_proj.weight"] = (f, h)
+        shapes[p + "mlp.up_proj.weight"] = (f, h)
+        shapes[p + "mlp.down_proj.weight"] = (h, f)
+        shapes[p + "input_layernorm.weight"] = (h,)
+        shapes[p + "post_attention_layernorm.weight"] = (h,)
+    shapes["model.norm.weight"] = (h,)
+    shapes["lm_head.weight"] = (v, h)
+    specs = [TensorSpec(k, s, lambda s=s: torch.randn(s) * 0.02) for k, s in shapes.items()]
+    write_sharded(specs, out, torch.float32, max_shard_bytes)
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(out)
+    return sum(p.stat().st_size for p in out.glob("*.safetensors"))
+
+
+_CHILD = """
+import json, os, sys, threading, time
+from ds_upcycle.config import MoEConfig
+from ds_upcycle.export import upcycle_offline
+# Import what the conversion imports lazily, so the baseline holds the libraries, not the work.
+import safetensors.torch, tqdm, transformers
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig, LlamaConfig, MixtralConfig
+MixtralConfig(); LlamaConfig(); AutoConfig.for_model("llama")
+
+page = os.sysconf("SC_PAGE_SIZE")
+def rss():  # current resident set size, bytes
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * page
+base, peak, done = rss(), [0], []
+def sample():
+    while not done:
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.005)
+th = threading.Thread(target=sample, daemon=True); th.start()
+t = time.perf_counter()
+r = upcycle_offline(sys.argv[1], sys.argv[2], MoEConfig(num_experts=int(sys.argv[3])), progress=False)
+dt = time.perf_counter() - t
+done.append(1); th.join()
+print(json.dumps({"seconds": dt, "bytes": r["bytes"], "rss_base": base, "rss_peak": max(peak[0], rss())}))
+"""
+
+
+def measure_conversion(dense: Path, out: Path, num_experts: int) -> dict:
+    """Run the streaming conversion in a fresh process, sampling its resident memory every 5 ms;
+    the peak minus the RSS just before converting is what the conversion itself needed."""
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(dense), str(out), str(num_experts)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {
+        "seconds": r["seconds"],
+        "out_bytes": r["bytes"],
+        "gb_per_s": r["bytes"] / r["seconds"] / 1e9,
+        "peak_rss_gib": r["rss_peak"] / 2**30,
+        "rss_growth_mib": (r["rss_peak"] - r["rss_base"]) / 2**20,
+    }
+
+
+def disk_copy_gb_per_s(src: Path, dst: Path) -> float:
+    """Sequential copy speed of the same files (read + write, through the page cache, fsynced)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    total, t = 0, time.perf_counter()
+    for f in sorted(src.glob("*.safetensors")):
+        shutil.copyfile(f, dst / f.name)
+        with open(dst / f.name, "rb+") as h:
+            os.fsync(h.fileno())
+        total += f.stat().st_size
+    return total / (time.perf_counter() - t) / 1e9
+
+
+def conversion(sizes: list[float], num_experts: int, workdir: Path) -> list[dict]:
+    rows = []
+    for size in sizes:
+        shape = conversion_shape(size)
+        d = workdir / f"dense_{size}"
+        dense_bytes = write_random_dense(d, shape)
+        largest = shape["vocab_size"] * shape["hidden_size"] * 4
+        copy = disk_copy_gb_per_s(d, workdir / "copy")
+        shutil.rmtree(workdir / "copy")
+        m = measure_conversion(d, workdir / f"moe_{size}", num_experts)
+        rows.append({"dense_gb": dense_bytes / 1e9, "layers": shape["num_hidden_layers"], "num_experts": num_experts,
+                     "largest_tensor_mib": largest / 2**20, "disk_copy_gb_per_s": copy, **m,
+                     "rss_growth_over_largest_tensor": m["rss_growth_mib"] * 2**20 / largest})  # fmt: skip
+        shutil.rmtree(d)
+        shutil.rmtree(workdir / f"moe_{size}")
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# MoE block: ours vs the dense MLP vs HF Mixtral's block
+# --------------------------------------------------------------------------------------------
+
+BLOCK_SHAPES = {"smollm2": (576, 1536), "llama3-8b/4": (1024, 3584)}
+"""(hidden, intermediate): SmolLM2-135M's, and Llama-3-8B's (4096, 14336) scaled by 1/4 to fit a CPU."""
+
+
+def _blocks(hidden: int, inter: int, num_experts: int, top_k: int, device, dtype):
+    from transformers import LlamaConfig, MixtralConfig
+    from transformers.models.llama.modeling_llama import LlamaMLP
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+    from ds_upcycle.config import MoEConfig
+    from ds_upcycle.distributed import init_distributed
+    from ds_upcycle.moe import MoEBlock
+
+    init_distributed()
+    torch.manual_seed(0)
+    dense = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=inter))
+    ours = MoEBlock(hidden, dense, MoEConfig(num_experts=num_experts, top_k=top_k))
+    ours.moe.set_deepspeed_parallelism()
+    hf = MixtralSparseMoeBlock(MixtralConfig(hidden_size=hidden, intermediate_size=inter,
+                                             num_local_experts=num_experts, num_experts_per_tok=top_k))  # fmt: skip
+    with torch.no_grad():  # the same random router for both MoE blocks, so the routing matches
+        hf.gate.weight.copy_(ours.gate_weight)
+    return {name: m.to(device=device, dtype=dtype).train() for name, m in
+            (("dense MLP", dense), ("ours (deepspeed.moe)", ours), ("HF Mixtral block", hf))}  # fmt: skip
+
+
+def _fwd_bwd_seconds(module, x: torch.Tensor) -> float:
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
+    sync()
+    t = time.perf_counter()
+    module(x).float().square().mean().backward()
+    sync()
+    return time.perf_counter() - t
+
+
+def block(tokens: list[int], repeats: int, num_experts: int, top_k: int, device: str, dtype: str) -> list[dict]:
+    """Forward + backward of each block on the same input, interleaved (A B C A B C ...) so that
+    machine noise hits all of them alike; medians and min-max spread over `repeats`."""
+    import statistics
+
+    dev, dt = torch.device(device), {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    rows = []
+    for shape_name, (hidden, inter) in BLOCK_SHAPES.items():
+        blocks = _blocks(hidden, inter, num_experts, top_k, dev, dt)
+        # Ideal cost relative to the dense MLP: k expert MLPs plus the router's E columns.
+        ideal = (top_k * 3 * hidden * inter + num_experts * hidden) / (3 * hidden * inter)
+        for n in tokens:
+            x = torch.randn(1, n, hidden, device=dev, dtype=dt, requires_grad=True)
+            times: dict[str, list[float]] = {k: [] for k in blocks}
+            for r in range(repeats + 2):
+                for name, m in blocks.items():
+                    m.zero_grad(set_to_none=True)
+                    t = _fwd_bwd_seconds(m, x)
+                    if r >= 2:  # two warm-up rounds
+                        times[name].append(t)
+            dense_med = statistics.median(times["dense MLP"])
+            for name, ts in times.items():
+                med = statistics.median(ts)
+                rows.append({"shape": shape_name, "hidden": hidden, "intermediate": inter, "tokens": n, "block": name,
+                             "median_ms": 1e3 * med, "min_ms": 1e3 * min(ts), "max_ms": 1e3 * max(ts),
+                             "over_dense": med / dense_med, "ideal_ratio": ideal,
+                             "over_ideal": med / dense_med / ideal})  # fmt: skip
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: a whole training step, upcycled vs dense, against the card's measured bf16 matmul rate
+# --------------------------------------------------------------------------------------------
+
+GPU_MODEL = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=12, num_attention_heads=16,
+                 num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192, tie_word_embeddings=False)  # fmt: skip
+"""A 0.89 B dense Llama; upcycled to 8 experts top-2 it is 5.1 B total / 1.5 B active (`ds-upcycle plan`):
+bf16 weights and grads (19 GiB) plus Adam state (57 GiB) plus activations at 2 x 4096 tokens fill
+much of one 141 GB H200."""
+SMOKE_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, tie_word_embeddings=False)  # fmt: skip
+
+
+SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                     num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True)  # fmt: skip
+
+
+def train_compare(work: Path, shape: dict, nprocs: int, ep_size: int, steps: int, seq_len: int, micro: int,
+                  device: str, master_port: int | None, moe_layers: str = "all") -> list[dict]:  # fmt: skip
+    """Train the same generated model dense and upcycled (8 experts, top-2) for `steps` steps through
+    `ds-upcycle train`; tokens/s, MFU and the optimizer's share of the step from each run's summary.
+    The peak for MFU is the device's measured matmul rate."""
+    from ds_upcycle.launch import launcher_cmd, run_launcher
+    from ds_upcycle.metrics import measured_matmul_tflops
+    from ds_upcycle.tiny import write_tiny_setup
+
+    configs = Path(__file__).resolve().parents[1] / "ds_configs"
+    setup = write_tiny_setup(work / "data", n_docs=2000)  # a real tokenizer (320 ids) and text
+    model = work / "model"
+    write_random_dense(model, shape)
+    for f in Path(setup["model"]).glob("tokenizer*"):
+        shutil.copy(f, model / f.name)
+    gpu = device == "cuda"
+    dtype = torch.bfloat16 if gpu else torch.float32
+    peak = measured_matmul_tflops(torch.device(device), dtype, seconds=1.0)
+    base = configs / ("gpu_zero2_bf16_ep1.json" if gpu else "cpu_debug_zero2_ep2.json")
+    rows = []
+    for name, upcycle in (("dense", False), ("upcycled", True)):
+        out = work / f"{name}_{nprocs}"
+        overrides = [f"--model.path={model}", f"--model.upcycle={json.dumps(upcycle)}", f"--moe.ep_size={ep_size}",
+                     f"--moe.moe_layers={moe_layers}", f"--data.train=[\"{setup['train']}\"]",
+                     f"--data.eval=[\"{setup['eval']}\"]", f"--data.seq_len={seq_len}", "--data.eval_batches=1",
+                     f"--train.steps={steps}", "--train.warmup_steps=1", "--train.min_lr=0", "--train.save_every=0",
+                     f"--train.output_dir={out}", "--log.wandb=disabled", f"--log.peak_tflops={peak}",
+                     f"--ds.train_micro_batch_size_per_gpu={micro}", "--ds.gradient_accumulation_steps=1",
+                     "--model.activation_checkpointing=false", f"--data.cache_dir={work / 'cache'}"]  # fmt: skip
+        cmd = launcher_cmd("ds_upcycle.train", [str(base), *overrides], num_gpus=nprocs, master_port=master_port)
+        if run_launcher(cmd, capture_output=True, text=True).returncode != 0:
+            raise RuntimeError(f"the {name} run on {nprocs} rank(s) failed")
+        summ = json.loads((out / "summary.json").read_text())
+        rows.append({"model": name, "ranks": nprocs, "ep": ep_size if upcycle else "-",
+                     "params_per_rank": summ["params_per_rank"], "tokens_per_s": summ["tokens_per_s"],
+                     "step_s": summ["step_time_s"], "optimizer_s": summ["optimizer_s"],
+                     "fwd_bwd_s": summ["step_time_s"] - summ["optimizer_s"], "mfu": summ["mfu"],
+                     "peak_tflops_measured": peak})  # fmt: skip
+    dense, moe = rows
+    plan_ratio = _active_flop_ratio(shape, moe_layers, seq_len)
+    moe["fwd_bwd_over_dense"] = moe["fwd_bwd_s"] / dense["fwd_bwd_s"]
+    moe["ideal_ratio"] = plan_ratio
+    moe["over_ideal"] = moe["fwd_bwd_over_dense"] / plan_ratio
+    return rows
+
+
+def _active_flop_ratio(shape: dict, moe_layers: str, seq_len: int) -> float:
+    from transformers import LlamaConfig
+
+    from ds_upcycle.config import MoEConfig
+    from ds_upcycle.plan import make_plan
+
+    plan = make_plan(LlamaConfig(**shape), MoEConfig(moe_layers=moe_layers), 1, seq_len, "fp32")
+    return plan.train_flops_per_token(moe=True) / plan.train_flops_per_token(moe=False)
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
+    out = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        out.append("| " + " | ".join(format(r[c[0]], c[2]) for c in cols) + " |")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(
+        prog="ds-upcycle bench",
+        description="Measure speed and memory; print a Markdown table and write JSON. "
+        "conversion: offline dense -> Mixtral upcycling of generated checkpoints of the given sizes: "
+        "throughput (GB written per second) against the disk's sequential copy speed, and peak RSS "
+        "against checkpoint size. block: forward + backward of our upcycled MoE block, the dense Llama MLP "
+        "and HF's MixtralSparseMoeBlock at the same shapes, interleaved, with each block's time over the "
+        "dense MLP's divided by the ideal FLOP ratio (k experts plus the router). step: whole training steps "
+        "of a generated model of SmolLM2's shape, dense and upcycled, on 1 CPU rank (ep 1) and 2 (ep 2), the "
+        "optimizer timed apart. gpu: the same on one GPU in bf16 with a ~1.2 B model.",
+    )
+    p.add_argument("what", choices=["conversion", "block", "step", "gpu"], help="which benchmark")
+    p.add_argument("--layers", type=int, default=0, help="step: SmolLM2 shape with only N layers (default: all 30)")
+    p.add_argument("--steps", type=int, default=30, help="gpu: training steps per run (default 30)")
+    p.add_argument("--seq-len", type=int, default=4096, help="gpu: tokens per sequence (default 4096)")
+    p.add_argument("--micro-batch", type=int, default=4, help="gpu: sequences per step (default 4)")
+    p.add_argument("--smoke", action="store_true", help="gpu: run the same path on CPU with a tiny model (a check)")
+    p.add_argument("--master-port", type=int, default=None, help="gpu: rendezvous port")
+    p.add_argument(
+        "--sizes",
+        type=float,
+        nargs="+",
+        default=[0.5, 2.5],
+        help="conversion: dense checkpoint sizes in GB (default 0.5 2.5)",
+    )
+    p.add_argument("--num-experts", type=int, default=None, help="experts (default: 4 for conversion, 8 for block)")
+    p.add_argument("--top-k", type=int, default=2, help="block: experts per token (default 2)")
+    p.add_argument(
+        "--tokens", type=int, nargs="+", default=[512, 2048, 4096], help="block: token counts (default 512 2048 4096)"
+    )
+    p.add_argument("--repeats", type=int, default=9, help="block: timed repeats per block (default 9)")
+    p.add_argument("--device", default="cpu", help="block: cpu or cuda (default cpu)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="block: dtype (default fp32)")
+    p.add_argument(
+        "--workdir", default=None, help="conversion: scratch folder on the disk to measure (default: a temp folder)"
+    )
+    p.add_argument("--json", default=None, help="JSON output file (default bench_<what>.json)")
+    args = p.parse_args(argv)
+    out_json = Path(args.json or f"bench_{args.what}.json")
+    if args.what in ("gpu", "step"):
+        work = Path(args.workdir or tempfile.mkdtemp(prefix="ds_upcycle_step_"))
+        rows = []
+        if args.what == "gpu":
+            shape = SMOKE_MODEL if args.smoke else GPU_MODEL
+            rows += train_compare(work / "g", shape, 1, 1, args.steps, args.seq_len, args.micro_batch,
+                                  "cpu" if args.smoke else "cuda", args.master_port)  # fmt: skip
+        else:
+            shape = {**SMOLLM2_SHAPE, "num_hidden_layers": args.layers} if args.layers else SMOLLM2_SHAPE
+            for nprocs in (1, 2):
+                rows += train_compare(work / f"r{nprocs}", shape, nprocs, nprocs, args.steps, args.seq_len,
+                                      args.micro_batch, "cpu", args.master_port)  # fmt: skip
+        for r in rows:
+            r.setdefault("fwd_bwd_over_dense", 1.0)
+            r.setdefault("ideal_ratio", 1.0)
+            r.setdefault("over_ideal", 1.0)
+        cols = [("model", "model", ""), ("ranks", "ranks", "d"), ("ep", "ep", ""), ("params_per_rank", "params/rank", ",d"),
+                ("tokens_per_s", "tokens/s", ",.0f"), ("step_s", "step s", ".3f"), ("optimizer_s", "optimizer s", ".3f"),
+                ("fwd_bwd_over_dense", "fwd+bwd x dense", ".2f"), ("ideal_ratio", "active-FLOP x", ".2f"),
+                ("over_ideal", "x ideal", ".2f"), ("mfu", "MFU", ".3f")]  # fmt: skip
+        config = {"steps": args.steps, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "layers": args.layers}
+    elif args.what == "block":
+        rows = block(args.tokens, args.repeats, args.num_experts or 8, args.top_k, args.device, args.dtype)
+        cols = [("shape", "shape", ""), ("tokens", "tokens", "d"), ("block", "block", ""), ("median_ms", "median ms", ".1f"),
+                ("min_ms", "min ms", ".1f"), ("max_ms", "max ms", ".1f"), ("over_dense", "x dense", ".2f"),
+                ("ideal_ratio", "ideal x", ".2f"), ("over_ideal", "x ideal", ".2f")]  # fmt: skip
+        config = {"repeats": args.repeats, "num_experts": args.num_experts or 8, "top_k": args.top_k,
+                  "device": args.device, "dtype": args.dtype}  # fmt: skip
+    else:
+        work = Path(args.workdir or tempfile.mkdtemp(prefix="ds_upcycle_bench_"))
+        work.mkdir(parents=True, exist_ok=True)
+        try:
+            rows = conversion(args.sizes, args.num_experts or 4, work)
+        finally:
+            if not args.workdir:
+                shutil.rmtree(work, ignore_errors=True)
+        cols = [("dense_gb", "dense GB", ".2f"), ("out_bytes", "MoE bytes", ",.0f"), ("gb_per_s", "GB/s", ".2f"),
+                ("disk_copy_gb_per_s", "disk copy GB/s", ".2f"), ("peak_rss_gib", "peak RSS GiB", ".2f"),
+                ("rss_growth_mib", "RSS growth MiB", ".0f"), ("largest_tensor_mib", "largest tensor MiB", ".0f")]  # fmt: skip
+        config = {"num_experts": args.num_experts or 4}
+    print(_table(rows, cols))
+    out_json.write_text(json.dumps({"machine": machine_info(), "config": config, "rows": rows}, indent=2))
+    print(f"\nwritten: {out_json}")
+    return 0
