@@ -99,5 +99,6 @@ def upcycle(model: nn.Module, cfg: MoEConfig, ep_rank: int | None = None) -> nn.
         if cfg.expert_init == "noise":
             for j, expert in enumerate(block.local_experts):
                 _add_expert_noise(expert, cfg, i, ep_rank * num_local + j)
+        block.train(dense.training)  # an eval()-mode model stays in eval mode (eval capacity, no jitter)
         layer.mlp = block  # the dense MLP is dropped here; only the local copies remain
     return model

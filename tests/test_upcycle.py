@@ -184,3 +184,10 @@ def test_block_records_router_statistics(dist_world, tiny_llama):
         assert int(block.exp_counts.sum()) == 2 * 48  # top-2: every token routed twice, none dropped
         assert block.aux_loss.requires_grad and block.aux_loss.item() >= 1.0 - 1e-6  # 1 = perfect balance
         assert block.z_loss is not None and block.z_loss.item() >= 0
+
+
+def test_upcycled_blocks_keep_the_models_mode(tiny_llama):
+    model = upcycle(tiny_llama(), MoEConfig(), ep_rank=0)  # tiny_llama() is in eval mode
+    assert all(not block.training for _, block in moe_blocks(model))
+    model.train()
+    assert all(block.training for _, block in moe_blocks(model))
