@@ -63,19 +63,13 @@ def write_random_dense(out: Path, shape: dict, max_shard_bytes: int = 2 * 10**9)
 
     cfg = LlamaConfig(**shape)
     out.mkdir(parents=True, exist_ok=True)
-    h, f, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
-    shapes = {"model.embed_tokens.weight": (v, h)}
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        for proj in "qkvo":
-            shapes[p + f"self_attn.{proj}_proj.weight"] = (h, h)
-        shapes[p + "mlp.gate_proj.weight"] = (f, h)
-        shapes[p + "mlp.up_proj.weight"] = (f, h)
-        shapes[p + "mlp.down_proj.weight"] = (h, f)
-        shapes[p + "input_layernorm.weight"] = (h,)
-        shapes[p + "post_attention_layernorm.weight"] = (h,)
-    shapes["model.norm.weight"] = (h,)
-    shapes["lm_head.weight"] = (v, h)
+    with torch.device("meta"):  # shapes only, no memory: exact for GQA, head_dim and tying
+        from transformers import LlamaForCausalLM
+
+        skeleton = LlamaForCausalLM(cfg)
+    shapes = {k: tuple(t.shape) for k, t in skeleton.state_dict().items()}
+    if cfg.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
     specs = [TensorSpec(k, s, lambda s=s: torch.randn(s) * 0.02) for k, s in shapes.items()]
     write_sharded(specs, out, torch.float32, max_shard_bytes)
     cfg.architectures = ["LlamaForCausalLM"]
@@ -217,10 +211,11 @@ def block(tokens: list[int], repeats: int, num_experts: int, top_k: int, device:
             dense_med = statistics.median(times["dense MLP"])
             for name, ts in times.items():
                 med = statistics.median(ts)
+                ideal_ratio = 1.0 if name == "dense MLP" else ideal
                 rows.append({"shape": shape_name, "hidden": hidden, "intermediate": inter, "tokens": n, "block": name,
                              "median_ms": 1e3 * med, "min_ms": 1e3 * min(ts), "max_ms": 1e3 * max(ts),
-                             "over_dense": med / dense_med, "ideal_ratio": ideal,
-                             "over_ideal": med / dense_med / ideal})  # fmt: skip
+                             "over_dense": med / dense_med, "ideal_ratio": ideal_ratio,
+                             "over_ideal": med / dense_med / ideal_ratio})  # fmt: skip
     return rows
 
 
@@ -271,8 +266,11 @@ def train_compare(work: Path, shape: dict, nprocs: int, ep_size: int, steps: int
                      f"--ds.train_micro_batch_size_per_gpu={micro}", "--ds.gradient_accumulation_steps=1",
                      "--model.activation_checkpointing=false", f"--data.cache_dir={work / 'cache'}"]  # fmt: skip
         cmd = launcher_cmd("ds_upcycle.train", [str(base), *overrides], num_gpus=nprocs, master_port=master_port)
-        if run_launcher(cmd, capture_output=True, text=True).returncode != 0:
-            raise RuntimeError(f"the {name} run on {nprocs} rank(s) failed")
+        proc = run_launcher(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(
+                f"the {name} run on {nprocs} rank(s) failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
+            )
         summ = json.loads((out / "summary.json").read_text())
         rows.append({"model": name, "ranks": nprocs, "ep": ep_size if upcycle else "-",
                      "params_per_rank": summ["params_per_rank"], "tokens_per_s": summ["tokens_per_s"],
