@@ -8,6 +8,7 @@ before any process starts. DeepSpeed's CPU comm op leaves a ~69 MB
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
@@ -93,12 +94,19 @@ def _shm_files() -> set[Path]:
     return set(shm.glob("deepspeed_*")) if shm.is_dir() else set()
 
 
-def run_launcher(cmd: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """Run a launcher command (no shell); remove the /dev/shm files this run created."""
+@contextlib.contextmanager
+def shm_cleanup():
+    """Remove the /dev/shm/deepspeed_* files created while the block runs (DeepSpeed's CPU comm op
+    never does)."""
     before = _shm_files()
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
     try:
-        return subprocess.run(cmd, env=full_env, **kwargs)
+        yield
     finally:
         for f in _shm_files() - before:
             f.unlink(missing_ok=True)
+
+
+def run_launcher(cmd: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
+    """Run a launcher command (no shell); remove the /dev/shm files this run created."""
+    with shm_cleanup():
+        return subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, **kwargs)

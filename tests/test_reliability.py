@@ -14,7 +14,7 @@ import pytest
 from conftest import DEBUG_CONFIG, LAUNCH_PORT, LOCAL_HOSTFILE, REFERENCE_STEPS, ROOT, debug_overrides, losses
 
 from ds_upcycle import checkpoint
-from ds_upcycle.launch import launcher_cmd, read_hostfile
+from ds_upcycle.launch import launcher_cmd, read_hostfile, shm_cleanup
 
 
 def _run(launcher, tiny_setup, out, env=None, **extra):
@@ -27,23 +27,24 @@ def test_killed_rank_fails_the_job_fast_and_names_it(tiny_setup, tmp_path):
     cmd = launcher_cmd("ds_upcycle.train", [str(DEBUG_CONFIG), *debug_overrides(tiny_setup, out, **{"train.steps": 500})],
                        num_gpus=2, hostfile=LOCAL_HOSTFILE, master_port=LAUNCH_PORT)  # fmt: skip
     log = tmp_path / "launcher.log"
-    with open(log, "w") as f:
+    with open(log, "w") as f, shm_cleanup():
         proc = subprocess.Popen(
             cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1"}
         )
-    try:
-        deadline = time.time() + 240
-        while time.time() < deadline and len(losses(out) if (out / "metrics.jsonl").exists() else {}) < 2:
-            time.sleep(0.5)
-        assert proc.poll() is None, log.read_text()[-3000:]
-        pid = int(re.search(r"process (\d+) spawned with command: \[.*'--local_rank=1'", log.read_text())[1])
-        os.kill(pid, signal.SIGKILL)
-        t0 = time.time()
-        rc = proc.wait(timeout=120)
-        waited = time.time() - t0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+        try:
+            deadline = time.time() + 240
+            while time.time() < deadline and len(losses(out) if (out / "metrics.jsonl").exists() else {}) < 2:
+                time.sleep(0.5)
+            assert proc.poll() is None, log.read_text()[-3000:]
+            pid = int(re.search(r"process (\d+) spawned with command: \[.*'--local_rank=1'", log.read_text())[1])
+            os.kill(pid, signal.SIGKILL)
+            t0 = time.time()
+            rc = proc.wait(timeout=120)
+            waited = time.time() - t0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     text = log.read_text()
     print(f"killed rank 1 (pid {pid}); the job exited with {rc} after {waited:.1f} s")
     assert rc != 0 and waited < 60
