@@ -294,11 +294,13 @@ def _run(args) -> int:
     world = args.gpus if gpu else 2
     steps = args.steps or (200 if gpu else 20)
     moe_layers = args.moe_layers or ("all" if gpu else "every_2")
+    marker = ".ds_upcycle_demo"  # marks a folder as a demo's own, finished or not
     if out.exists():
-        if not (out / "summary.json").exists() and any(out.iterdir()):
-            raise ValueError(f"--out ({str(out)!r}) holds something other than a finished demo; choose another folder")
-        shutil.rmtree(out)  # a previous demo: replaced
+        if any(out.iterdir()) and not (out / marker).exists():
+            raise ValueError(f"--out ({str(out)!r}) holds files that are not a ds_upcycle demo; choose another folder")
+        shutil.rmtree(out)  # an earlier demo run: replaced
     out.mkdir(parents=True)
+    (out / marker).write_text("written by ds-upcycle demo; the next demo run replaces this folder\n")
 
     model_dir = Path(args.model) if args.model else smollm2_checkpoint(cache, args.layers)
     if args.data:

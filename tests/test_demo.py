@@ -48,3 +48,10 @@ def test_summary_and_plots_hold_the_run(demo_run):
         data = (demo_run / png).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 2000
     assert list((demo_run / "moe" / "wandb").glob("offline-run-*/run-*.wandb"))
+
+
+def test_a_foreign_output_folder_is_refused(tmp_path, capsys):
+    (tmp_path / "mine.txt").write_text("precious")
+    assert main(["--out", str(tmp_path), "--layers", "2"]) == 2
+    assert "holds files that are not a ds_upcycle demo" in capsys.readouterr().err
+    assert (tmp_path / "mine.txt").read_text() == "precious"
