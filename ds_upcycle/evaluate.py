@@ -35,13 +35,12 @@ def load_for_eval(path: str | Path, source: str | None = None):
     p = Path(path)
     if p.is_dir() and is_our_checkpoint(p):
         from ds_upcycle.distributed import init_distributed
-        from ds_upcycle.export import load_checkpoint_meta, load_moe_model, resolve_checkpoint
+        from ds_upcycle.export import load_moe_model
         from ds_upcycle.moe import attach_process_groups
 
         init_distributed()
-        model, _ = load_moe_model(p, source=source)
+        model, _, src = load_moe_model(p, source=source)
         attach_process_groups(model)
-        _, _, src = load_checkpoint_meta(resolve_checkpoint(p), source)
         return model, src, "ds_upcycle checkpoint"
     model = load_dense_model(p, "fp32", field="model")
     return model, p, type(model).__name__

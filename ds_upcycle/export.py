@@ -313,8 +313,9 @@ def checkpoint_tensors(folder: Path) -> dict[str, tuple[tuple[int, ...], callabl
 
 
 def load_moe_model(ckpt: str | Path, tag: int | None = None, source: str | None = None):
-    """Our trained MoE model from a checkpoint, rebuilt in one process (ep 1) whatever ep_size
-    trained it: the dense skeleton, upcycled, then every tensor loaded strictly."""
+    """(model, run config, dense source folder): our trained MoE model from a checkpoint, rebuilt in
+    one process (ep 1) whatever ep_size trained it: the dense skeleton, upcycled, then every tensor
+    loaded strictly."""
     from ds_upcycle.loading import load_dense_model
     from ds_upcycle.upcycle import upcycle
 
@@ -325,7 +326,7 @@ def load_moe_model(ckpt: str | Path, tag: int | None = None, source: str | None 
     )
     state = {k: load().float() for k, (_, load) in checkpoint_tensors(folder).items()}
     model.load_state_dict(state, strict=True)
-    return model.eval(), cfg
+    return model.eval(), cfg, src
 
 
 def export_checkpoint(

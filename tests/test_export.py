@@ -57,7 +57,7 @@ def trained(tiny_setup, tmp_path_factory):
 def test_export_parity(dist_world, trained, tmp_path, name, flags):
     out = tmp_path / "mixtral"
     assert export_main([str(trained[name]), str(out), "--dtype", "fp32", *flags]) == 0
-    ours, _ = load_moe_model(trained[name])
+    ours, _, _ = load_moe_model(trained[name])
     attach_process_groups(ours)
     theirs = MixtralForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     diff = _max_diff(ours, theirs, _probe(ours.config.vocab_size))
@@ -178,3 +178,21 @@ def test_offline_upcycle_refuses_bad_sources(tmp_path, capsys):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
     assert upcycle_main([str(tmp_path / "gpt2"), str(tmp_path / "o")]) == 2
     assert "is GPT2LMHeadModel with hidden_act=None; upcycle supports dense LlamaForCausalLM" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_gives_the_same_perplexity_for_checkpoint_and_export(trained, tiny_setup, tmp_path):
+    from ds_upcycle.evaluate import main as eval_main
+
+    run, exported = trained["ep2_untied"], tmp_path / "mixtral"
+    assert export_main([str(run), str(exported), "--dtype", "fp32"]) == 0
+    results = {}
+    for name, model in (("checkpoint", run), ("export", exported), ("dense", tiny_setup["model"])):
+        out = tmp_path / f"{name}.json"
+        assert eval_main([str(model), "--data", tiny_setup["eval"], "--seq-len", "64", "--json", str(out)]) == 0
+        results[name] = json.loads(out.read_text())
+    assert (
+        results["checkpoint"]["kind"] == "ds_upcycle checkpoint" and results["export"]["kind"] == "MixtralForCausalLM"
+    )
+    assert results["checkpoint"]["ppl"] == pytest.approx(results["export"]["ppl"], rel=1e-5)
+    assert results["checkpoint"]["tokens"] == results["dense"]["tokens"] > 0
