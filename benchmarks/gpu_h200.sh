@@ -2,7 +2,7 @@
 # The GPU benchmark, prepared for one H200 (about 5 minutes): the MoE block in bf16, then a whole
 # ZeRO-2 bf16 training step of a 0.89 B Llama (5.1 B upcycled), dense and upcycled to 8 experts top-2, with MFU
 # against the card's measured bf16 matmul rate. The device machine has torch and transformers but
-# not deepspeed: first, here, `bash ../shared/device/make_wheels.sh` fills .whl/ (carry it along).
+# not deepspeed: first, here, `bash benchmarks/make_wheels.sh` fills .whl/ (carry it along).
 # Results land in $OUT (or ./bench_out).
 set -euo pipefail
 OUT=${OUT:-bench_out}

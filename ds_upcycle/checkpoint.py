@@ -1,4 +1,4 @@
-"""Save and resume, atomically.
+"""Save and resume, atomically; find, verify and read checkpoints back.
 
 A checkpoint is DeepSpeed's native folder ``<root>/<tag>/`` (model states, one file per MoE
 layer and global expert, ZeRO optimizer shards) plus ours:
@@ -11,17 +11,24 @@ Only after every rank has finished writing does rank 0 write the manifest and th
 ``<root>/latest_complete`` (tmp file + rename). An interrupted save therefore never becomes
 what the next run loads, and a truncated or altered file is caught by the manifest before
 anything is deserialised. A shared filesystem across nodes is assumed, as DeepSpeed does.
+
+Reading back (export, eval): :func:`resolve` finds the step folder of a run, :func:`read_tensors`
+maps every saved tensor to a loader, and :func:`load_moe_model` rebuilds the trained model in one
+process whatever ep_size trained it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+
+from ds_upcycle.distributed import barrier
 
 LATEST = "latest_complete"
 STATE = "ds_upcycle_state.json"
@@ -49,11 +56,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_commit: bool = False) -> Path:
     """Collective: every rank calls it. Returns the checkpoint folder.
 
@@ -67,7 +69,7 @@ def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_com
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     torch.save(rng, folder / f"ds_upcycle_rank{rank:05d}.pt")
-    _barrier()  # every rank's files are on disk
+    barrier()  # every rank's files are on disk
     if crash_before_commit and rank == 0:
         os._exit(17)
     if rank == 0:
@@ -76,7 +78,7 @@ def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_com
         manifest = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
         atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
         atomic_write_text(root / LATEST, tag)
-    _barrier()
+    barrier()
     return folder
 
 
@@ -155,3 +157,95 @@ def load(engine, root: Path, rank: int) -> dict | None:
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return state
+
+
+# --------------------------------------------------------------------------------------------
+# Reading checkpoints back: export, eval
+# --------------------------------------------------------------------------------------------
+
+
+def resolve(path: str | Path, tag: int | None = None) -> Path:
+    """A run folder, its checkpoints/ folder, or one step folder -> the step folder to read."""
+    p = Path(path)
+    if not p.is_dir():
+        raise ValueError(f"checkpoint ({str(path)!r}) is not a folder; give a run folder or its checkpoints/")
+    if (p / STATE).is_file() or (p / MANIFEST).is_file():
+        return p
+    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    if tag is not None:
+        folder = root / tag_for(tag)
+        if not folder.is_dir():
+            have = sorted(q.name for q in root.glob("step_*"))
+            raise ValueError(f"--tag {tag}: no {folder}; available: {', '.join(have) or 'none'}")
+        return folder
+    latest = latest_tag(root)
+    if latest is None:
+        raise ValueError(f"checkpoint ({str(path)!r}) holds no complete checkpoint (no {LATEST})")
+    return root / latest
+
+
+def is_checkpoint(path: Path) -> bool:
+    """True for a run folder with checkpoints, a checkpoints/ folder, or a step folder of ours."""
+    return (path / "checkpoints").is_dir() or (path / MANIFEST).is_file() or (path / LATEST).is_file()
+
+
+def load_meta(folder: Path, source: str | None = None):
+    """(RunConfig, dense HF config, dense source folder) of a verified checkpoint folder."""
+    from ds_upcycle.config import run_config_from_dict
+    from ds_upcycle.loading import load_hf_config
+
+    state = verify(folder)
+    cfg = run_config_from_dict(state["config"])
+    src = Path(source or cfg.model.path)
+    field = "--source" if source else f"model.path recorded in {folder / STATE} (override with --source)"
+    dense_cfg = load_hf_config(src, field=field)
+    if getattr(dense_cfg, "model_type", "") == "mixtral":
+        raise ValueError(f"{field} ({str(src)!r}) is a Mixtral folder; give the dense source checkpoint")
+    return cfg, dense_cfg, src
+
+
+def read_tensors(folder: Path) -> dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]]:
+    """{our key: (shape, loader)} over the model-states file and every expert file (experts by
+    their global id); loaders read with ``torch.load(weights_only=True)``, one expert file at a time."""
+    from ds_upcycle.mixtral import OUR_GATE
+
+    model_states = folder / "mp_rank_00_model_states.pt"
+    if not model_states.is_file():
+        raise ValueError(f"checkpoint {folder} has no mp_rank_00_model_states.pt")
+    module = torch.load(model_states, map_location="cpu", weights_only=True)["module"]
+    out = {k: (tuple(t.shape), (lambda t=t: t)) for k, t in module.items()}
+    expert_files = sorted(folder.glob("layer_*_expert_*_mp_rank_00_model_states.pt"))
+    if any(OUR_GATE.match(k) for k in module) and not expert_files:
+        raise ValueError(f"checkpoint {folder} has MoE routers but no expert files (layer_*_expert_*_model_states.pt)")
+    cache: dict[Path, dict] = {}
+
+    def loader(path: Path, key: str) -> Callable[[], torch.Tensor]:
+        def load() -> torch.Tensor:
+            if path not in cache:
+                cache.clear()  # hold one expert file at a time
+                cache[path] = torch.load(path, map_location="cpu", weights_only=True)
+            return cache[path][key]
+
+        return load
+
+    for path in expert_files:
+        for key, t in torch.load(path, map_location="meta", weights_only=True).items():
+            out[key] = (tuple(t.shape), loader(path, key))
+    return out
+
+
+def load_moe_model(ckpt: str | Path, tag: int | None = None, source: str | None = None):
+    """(model, run config, dense source folder): our trained MoE model from a checkpoint, rebuilt in
+    one process (ep 1) whatever ep_size trained it: the dense skeleton, upcycled, then every tensor
+    loaded strictly."""
+    from ds_upcycle.loading import load_dense_model
+    from ds_upcycle.upcycle import upcycle
+
+    folder = resolve(ckpt, tag)
+    cfg, _, src = load_meta(folder, source)
+    model = upcycle(
+        load_dense_model(src, "fp32", field="model.path"), dataclasses.replace(cfg.moe, ep_size=1), ep_rank=0
+    )
+    state = {k: load().float() for k, (_, load) in read_tensors(folder).items()}
+    model.load_state_dict(state, strict=True)
+    return model.eval(), cfg, src

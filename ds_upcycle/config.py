@@ -2,7 +2,9 @@
 
 A ds_configs file is a complete DeepSpeed config with concrete values, plus one project section
 named ``"ds_upcycle"`` (DeepSpeed ignores unknown top-level keys). The section has one sub-table
-per concern: ``model``, ``moe``, ``data``, ``train``, ``log``.
+per concern: ``model``, ``moe``, ``data``, ``train``, ``log``, ``debug``, and an optional
+one-line ``description``. The shipped configs live in the package (``ds_upcycle/ds_configs``,
+also at the repository's top level) and can be named instead of given as a path.
 
 Precedence: command-line overrides > file > dataclass defaults. Overrides look like
 ``--moe.num_experts=4`` or ``--ds.zero_optimization.stage=1`` (the latter edits the DeepSpeed part).
@@ -227,10 +229,6 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     """What to do when the loss or grad norm is NaN/Inf: "stop" (keep the last good checkpoint)
     or "skip" (drop that step's update)."""
-    inject_nan_at_step: int = -1
-    """Debug: make the loss NaN at this 0-based step (tests the non-finite guard). -1 disables."""
-    inject_crash_in_save_at_step: int = -1
-    """Debug: kill rank 0 midway through the save at this step (tests atomic saves). -1 disables."""
 
     def __post_init__(self) -> None:
         _positive("train.steps", self.steps)
@@ -286,13 +284,26 @@ class LogConfig:
         _non_negative("log.peak_tflops", self.peak_tflops)
 
 
+@dataclass(frozen=True)
+class DebugConfig:
+    """Fault injection for tests: real failures at chosen points. Never needed for real runs."""
+
+    inject_nan_at_step: int = -1
+    """Make the loss NaN at this 0-based step (tests the non-finite guard). -1 disables."""
+    inject_crash_in_save_at_step: int = -1
+    """Kill rank 0 midway through the save at this step (tests atomic saves). -1 disables."""
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "moe": MoEConfig,
     "data": DataConfig,
     "train": TrainConfig,
     "log": LogConfig,
+    "debug": DebugConfig,
 }
+DESCRIPTION = "description"
+"""An optional one-line description in the project section (shown by `ds-upcycle configs`)."""
 
 
 @dataclass(frozen=True)
@@ -304,15 +315,19 @@ class RunConfig:
     data: DataConfig
     train: TrainConfig
     log: LogConfig
+    debug: DebugConfig
     ds: dict
     """The DeepSpeed config (everything in the file except the project section)."""
     source: str = ""
     """The file this was loaded from."""
+    description: str = ""
 
     def to_dict(self) -> dict:
         """The resolved config as one JSON-able dict, in the same shape as a ds_configs file."""
         out = copy.deepcopy(self.ds)
         out[PROJECT_KEY] = {name: dataclasses.asdict(getattr(self, name)) for name in SECTIONS}
+        if self.description:
+            out[PROJECT_KEY][DESCRIPTION] = self.description
         return out
 
 
@@ -416,10 +431,9 @@ def parse_overrides(args: list[str]) -> list[tuple[list[str], Any]]:
 
 
 def load_run_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
-    """Load a ds_configs JSON file, apply overrides, and validate every section."""
-    path = Path(path)
-    if not path.is_file():
-        raise ValueError(f"config file {str(path)!r} does not exist; pass a file from ds_configs/")
+    """Load a ds_configs JSON file (or a shipped config by name), apply overrides, and validate
+    every section."""
+    path = resolve_config(path)
     try:
         raw = json.loads(path.read_text())
     except json.JSONDecodeError as e:
@@ -440,10 +454,13 @@ def run_config_from_dict(raw: dict, overrides: list[str] | None = None, source: 
     project = raw.get(PROJECT_KEY, {})
     if not isinstance(project, dict):
         raise ValueError(f"{PROJECT_KEY} ({project!r}) must be a JSON object")
+    project = copy.deepcopy(project)
+    description = project.pop(DESCRIPTION, "")
+    if not isinstance(description, str):
+        raise ValueError(f"{PROJECT_KEY}.{DESCRIPTION} ({description!r}) must be a string")
     unknown = sorted(set(project) - set(SECTIONS))
     if unknown:
         raise ValueError(f"{PROJECT_KEY}.{unknown[0]} is not a known section; sections: {', '.join(SECTIONS)}")
-    project = copy.deepcopy(project)
     for keys, value in parse_overrides(overrides or []):
         if keys[0] == "ds":
             target, keys = ds, keys[1:]
@@ -460,7 +477,7 @@ def run_config_from_dict(raw: dict, overrides: list[str] | None = None, source: 
         target[keys[-1]] = value
     _check_no_auto(ds)
     sections = {name: build_section(cls, name, project.get(name, {})) for name, cls in SECTIONS.items()}
-    return RunConfig(**sections, ds=ds, source=source)
+    return RunConfig(**sections, ds=ds, source=source, description=description)
 
 
 def _check_no_auto(ds: dict, prefix: str = "") -> None:
@@ -474,3 +491,84 @@ def _check_no_auto(ds: dict, prefix: str = "") -> None:
             )
         if isinstance(v, dict):
             _check_no_auto(v, name + ".")
+
+
+def to_overrides(values: dict[str, Any]) -> list[str]:
+    """``{"train.steps": 20, "data.train": ["a.txt"]}`` -> ``["--train.steps=20", '--data.train=["a.txt"]']``:
+    strings as they are, everything else as JSON (the inverse of :func:`parse_overrides`)."""
+    return [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in values.items()]
+
+
+# --------------------------------------------------------------------------------------------
+# MoE settings as overrides, for the commands that take only the moe section
+# --------------------------------------------------------------------------------------------
+
+
+def moe_overrides_help() -> str:
+    """Help text listing every MoEConfig field with its default, for `--moe.KEY=VALUE` flags."""
+    fields = ", ".join(f"{f.name}={json.dumps(f.default)}" for f in dataclasses.fields(MoEConfig))
+    return f"MoE settings as --moe.KEY=VALUE, as `ds-upcycle train` takes them (defaults: {fields})"
+
+
+def moe_from_overrides(args: list[str], base: MoEConfig | None = None) -> MoEConfig:
+    """A validated MoEConfig from ``--moe.KEY=VALUE`` arguments (any other argument is an error)."""
+    values = dataclasses.asdict(base) if base is not None else {}
+    for keys, value in parse_overrides(args):
+        if keys[0] != "moe" or len(keys) != 2:
+            raise ValueError(
+                f"--{'.'.join(keys)} is not a MoE setting; this command takes --moe.KEY=VALUE with KEY one of "
+                + ", ".join(f.name for f in dataclasses.fields(MoEConfig))
+            )
+        values[keys[1]] = value
+    return build_section(MoEConfig, "moe", values)
+
+
+# --------------------------------------------------------------------------------------------
+# The shipped configs: package data, addressable by name
+# --------------------------------------------------------------------------------------------
+
+CONFIG_DIR = Path(__file__).resolve().parent / "ds_configs"
+"""The shipped configs (package data; the repository's top-level ds_configs/ links here)."""
+
+
+def shipped_configs() -> dict[str, Path]:
+    """{name: path} of every shipped config, e.g. ``cpu_debug_zero2_ep2`` or ``ablations/drop``."""
+    return {str(p.relative_to(CONFIG_DIR).with_suffix("")): p for p in sorted(CONFIG_DIR.rglob("*.json"))}
+
+
+def resolve_config(name_or_path: str | Path) -> Path:
+    """A config file path, or the path of the shipped config of that name (``.json`` optional)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = shipped_configs()
+    name = str(name_or_path).removesuffix(".json")
+    if name in shipped:
+        return shipped[name]
+    if path.is_dir():
+        raise ValueError(f"config ({str(name_or_path)!r}) is a folder; give a .json file or a shipped config name")
+    raise ValueError(
+        f"config file {str(name_or_path)!r} does not exist and is not a shipped config's name; give a file or "
+        "one of: " + ", ".join(shipped) + " (`ds-upcycle configs` describes them)"
+    )
+
+
+def configs_main(argv: list[str]) -> int:
+    import argparse
+
+    p = argparse.ArgumentParser(
+        prog="ds-upcycle configs",
+        description="List the configs shipped with the package, by the name `ds-upcycle train NAME` takes, "
+        "with a line on each. --path prints a config's file path instead (to copy and edit it).",
+    )
+    p.add_argument("--path", metavar="NAME", default=None, help="print the path of this shipped config")
+    args = p.parse_args(argv)
+    if args.path:
+        print(resolve_config(args.path))
+        return 0
+    shipped = shipped_configs()
+    width = max(map(len, shipped))
+    for name, path in shipped.items():
+        section = json.loads(path.read_text()).get(PROJECT_KEY, {})
+        print(f"{name.ljust(width)}  {section.get(DESCRIPTION, '')}")
+    return 0

@@ -1,11 +1,16 @@
-"""Process-group set-up through DeepSpeed, for launched jobs and single-process use alike."""
+"""Process groups through DeepSpeed, and the few collectives the trainer needs.
+
+Every helper works in a one-process run without a process group too (it is then the identity).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
 
+import torch
 import torch.distributed as dist
 
 
@@ -56,3 +61,42 @@ def shutdown_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def comm_device() -> torch.device:
+    """Where collective buffers live: the current GPU under NCCL, else the CPU (gloo)."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_mean(values: list[float]) -> list[float]:
+    """The mean of each value over all ranks (collective)."""
+    t = torch.tensor(values, dtype=torch.float64, device=comm_device())
+    if dist.is_initialized():
+        dist.all_reduce(t)
+        t /= dist.get_world_size()
+    return t.tolist()
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when the flag is true on any rank (collective)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=comm_device())
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return bool(t.item() > 0)
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def rank0_first(rank: int):
+    """Rank 0 runs the block first (e.g. to fill a cache); the others wait, then run it too."""
+    if rank != 0:
+        barrier()
+    yield
+    if rank == 0:
+        barrier()

@@ -12,34 +12,23 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from pathlib import Path
 
 import torch
 
 
-def is_our_checkpoint(path: Path) -> bool:
-    from ds_upcycle import checkpoint
-
-    return (
-        (path / "checkpoints").is_dir()
-        or (path / checkpoint.MANIFEST).is_file()
-        or (path / checkpoint.LATEST).is_file()
-    )
-
-
 def load_for_eval(path: str | Path, source: str | None = None):
     """(model, tokenizer source folder, kind) for any of the three model kinds."""
+    from ds_upcycle import checkpoint
     from ds_upcycle.loading import load_dense_model
 
     p = Path(path)
-    if p.is_dir() and is_our_checkpoint(p):
+    if p.is_dir() and checkpoint.is_checkpoint(p):
         from ds_upcycle.distributed import init_distributed
-        from ds_upcycle.export import load_moe_model
         from ds_upcycle.moe import attach_process_groups
 
         init_distributed()
-        model, _, src = load_moe_model(p, source=source)
+        model, _, src = checkpoint.load_moe_model(p, source=source)
         attach_process_groups(model)
         return model, src, "ds_upcycle checkpoint"
     model = load_dense_model(p, "fp32", field="model")
@@ -83,14 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", default=None, help="dense source folder for a checkpoint (default: the recorded one)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     args = p.parse_args(argv)
-    try:
-        model, tok_dir, kind = load_for_eval(args.model, args.source)
-        tokenizer = load_tokenizer(tok_dir)
-        cfg = DataConfig(seq_len=args.seq_len, text_field=args.text_field)
-        blocks, _ = load_blocks(args.data, "--data", tokenizer, cfg, Path(args.model) / ".eval_cache", is_writer=False)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    model, tok_dir, kind = load_for_eval(args.model, args.source)
+    tokenizer = load_tokenizer(tok_dir)
+    cfg = DataConfig(seq_len=args.seq_len, text_field=args.text_field)
+    blocks, _ = load_blocks(args.data, "--data", tokenizer, cfg, Path(args.model) / ".eval_cache", is_writer=False)
     result = {"model": str(args.model), "kind": kind, **perplexity(model, blocks, args.batch, args.max_batches)}
     print(json.dumps(result, indent=2))
     if args.json:

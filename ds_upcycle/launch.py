@@ -1,5 +1,8 @@
 """Starting jobs through the real `deepspeed` launcher, safely, from Python.
 
+:func:`run_training` is the one way a front end (`ds-upcycle train`, demo, bench, ablate, the
+tests) starts a training run: validate, launch, and read the run's summary back.
+
 User strings are passed as an argument list, never through a shell. Hostfiles are checked
 before any process starts. DeepSpeed's CPU comm op leaves a ~69 MB
 /dev/shm/deepspeed_allreduce_buffer_* file per (master port, rank) and never removes it
@@ -9,10 +12,12 @@ before any process starts. DeepSpeed's CPU comm op leaves a ~69 MB
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 _HOST_LINE = re.compile(r"^\s*(\S+)\s+slots=(\d+)\s*$")
@@ -110,3 +115,54 @@ def run_launcher(cmd: list[str], env: dict | None = None, **kwargs) -> subproces
     """Run a launcher command (no shell); remove the /dev/shm files this run created."""
     with shm_cleanup():
         return subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, **kwargs)
+
+
+def launch_module(
+    module: str, args: list[str], *, num_gpus: int | None = None, hostfile: str | Path | None = None,
+    master_port: int | None = None, env: dict | None = None, **kwargs,
+) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run ``deepspeed ... --module MODULE ARGS`` to completion (subprocess.run keyword arguments
+    pass through, e.g. capture_output, timeout, cwd)."""
+    cmd = launcher_cmd(module, args, num_gpus=num_gpus, hostfile=hostfile, master_port=master_port)
+    return run_launcher(cmd, env=env, **kwargs)
+
+
+@dataclass
+class TrainingRun:
+    """What a finished `ds_upcycle.train` launch left: exit code, output (when captured), summary."""
+
+    returncode: int
+    output_dir: Path
+    stdout: str = ""
+    stderr: str = ""
+    summary: dict | None = None
+    """The run's summary.json (None when the run failed)."""
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+def run_training(
+    config: str | Path, overrides: list[str], *, num_gpus: int | None = None, hostfile: str | Path | None = None,
+    master_port: int | None = None, env: dict | None = None, capture: bool = False, timeout: float | None = None,
+    cwd: str | Path | None = None,
+) -> TrainingRun:  # fmt: skip
+    """Validate a run against the world the launcher will start, launch it, and read its summary.
+
+    ValueError (before any process starts) for a bad config, hostfile or layout.
+    """
+    from ds_upcycle.config import load_run_config, resolve_config
+    from ds_upcycle.preflight import validate
+
+    path = resolve_config(config).resolve()
+    cfg = load_run_config(path, overrides)
+    validate(cfg, world_size(num_gpus, hostfile))
+    proc = launch_module(
+        "ds_upcycle.train", [str(path), *overrides], num_gpus=num_gpus, hostfile=hostfile, master_port=master_port,
+        env=env, capture_output=capture, text=True, timeout=timeout, cwd=cwd,
+    )  # fmt: skip
+    out = Path(cwd or ".") / cfg.train.output_dir
+    summary_file = out / "summary.json"
+    summary = json.loads(summary_file.read_text()) if proc.returncode == 0 and summary_file.is_file() else None
+    return TrainingRun(proc.returncode, out, proc.stdout or "", proc.stderr or "", summary)

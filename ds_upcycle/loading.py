@@ -1,4 +1,4 @@
-"""Loading dense HF checkpoints and their tokenizers, with errors that say what to fix."""
+"""Loading dense HF checkpoints and their tokenizers, with errors that say what to fix; the dtype table."""
 
 from __future__ import annotations
 
@@ -8,6 +8,16 @@ import torch
 from torch import nn
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+"""The one dtype table: our short names (configs, flags) -> torch dtypes."""
+HF_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+"""torch dtype -> the name HF config.json files use."""
+
+
+def short_dtype_name(hf_name: object) -> str:
+    """An HF config's ``dtype``/``torch_dtype`` (a string or torch dtype) -> our short name (fp32 default)."""
+    by_name = {v: k for k, v in HF_DTYPE_NAMES.items()}
+    dtype = by_name.get(str(hf_name).replace("torch.", ""), hf_name)
+    return {v: k for k, v in DTYPES.items()}.get(dtype, "fp32")
 
 
 def check_model_dir(path: str | Path, field: str = "model.path") -> Path:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from ds_upcycle.distributed import comm_device
+
 log = logging.getLogger("ds_upcycle")
 
 # Dense bf16 peak FLOP/s per device (vendor spec sheets, no sparsity).
@@ -73,7 +75,7 @@ class RouterAccumulator:
         """Global (counts [layers, E], dropped [layers]); resets the accumulator."""
         packed = torch.cat([self.counts.flatten(), self.dropped])
         if torch.distributed.is_initialized():
-            packed = packed.to(_comm_device())
+            packed = packed.to(comm_device())
             torch.distributed.all_reduce(packed)
             packed = packed.cpu()
         n = self.counts.numel()
@@ -81,11 +83,6 @@ class RouterAccumulator:
         self.counts.zero_()
         self.dropped.zero_()
         return counts, dropped
-
-
-def _comm_device() -> torch.device:
-    backend = torch.distributed.get_backend()
-    return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
 
 
 def router_metrics(layers: list[int], counts: torch.Tensor, dropped: torch.Tensor, dead: float) -> dict:

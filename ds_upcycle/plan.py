@@ -1,6 +1,7 @@
 """Dense -> MoE arithmetic from a model config alone: parameters, FLOPs, per-rank memory.
 
-Used by `ds-upcycle plan` before any job is launched, and by the trainer for MFU.
+Used by `ds-upcycle plan` (this module's ``main``) before any job is launched, and by the trainer
+for MFU.
 
 FLOPs follow Megatron-LM (Narayanan et al. 2021, eq. 3), as used for the 46.8% MFU of
 arXiv 2412.09952: training FLOPs per token = 6 x (active matmul parameters, the LM head
@@ -11,10 +12,13 @@ causally halved) s x s matrix. For Llama-3 shapes this equals the paper's
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
-from ds_upcycle.config import MoEConfig
+from ds_upcycle.config import MoEConfig, moe_from_overrides, moe_overrides_help
 
 ADAM_BYTES = {"bf16": 12, "fp16": 12, "fp32": 8}
 """Adam state per parameter: fp32 m and v, plus an fp32 master copy under mixed precision."""
@@ -175,3 +179,84 @@ def make_plan(hf_config, moe: MoEConfig, world_size: int, seq_len: int, dtype: s
         seq_len=seq_len,
         dtype=dtype,
     )
+
+
+# --------------------------------------------------------------------------------------------
+# `ds-upcycle plan`
+# --------------------------------------------------------------------------------------------
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:,.2f} GiB"
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:,.3f} B" if n >= 1e8 else f"{n / 1e6:,.3f} M"
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="ds-upcycle plan",
+        description="Read a dense checkpoint's config.json (no weights) and print the dense -> MoE "
+        "table: total and active parameters, training FLOPs per token (Megatron's formula), and "
+        "per-rank parameter and Adam-state memory under ZeRO at the given layout. Validates the "
+        "combination before anyone launches a job.",
+        epilog="example: ds-upcycle plan path/to/Meta-Llama-3-8B --moe.ep_size=8 --world-size 8 --seq-len 8192",
+    )
+    p.add_argument("model", help="dense HF checkpoint folder, or a config.json file")
+    p.add_argument("--world-size", type=int, default=None, help="total ranks (default: moe.ep_size)")
+    p.add_argument("--seq-len", type=int, default=4096, help="sequence length for FLOPs (default 4096)")
+    p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="training dtype (default bf16)")
+    p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2], help="ZeRO stage (default 1)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument_group("MoE settings", moe_overrides_help())
+    args, overrides = p.parse_known_args(argv)
+
+    from transformers import AutoConfig
+
+    from ds_upcycle.loading import load_hf_config
+
+    moe = moe_from_overrides(overrides)
+    src = Path(args.model)
+    if src.is_file():
+        hf = AutoConfig.for_model(**json.loads(src.read_text()))
+    else:
+        hf = load_hf_config(args.model, field="model")
+    plan = make_plan(hf, moe, args.world_size or moe.ep_size, args.seq_len, args.dtype)
+    d = plan.to_dict(args.zero_stage)
+    print(json.dumps(d, indent=2) if args.json else format_table(plan, d, args.model))
+    return 0
+
+
+def format_table(plan: Plan, d: dict, source: str) -> str:
+    """The dense vs MoE table `ds-upcycle plan` prints."""
+    s = plan.shape
+    dense = d["dense_total_params"]
+    lines = [
+        f"{source}: hidden {s.hidden}, intermediate {s.intermediate}, {s.layers} layers, "
+        f"{s.heads} heads ({s.kv_heads} KV, head_dim {s.head_dim}), vocab {s.vocab}, tied {s.tied}",
+        f"MoE: {plan.num_experts} experts, top-{plan.top_k}, on {len(plan.moe_layers)}/{s.layers} layers; "
+        f"ep {plan.ep_size}, world {plan.world_size}, ZeRO-{d['zero_stage']}, {plan.dtype}, seq {plan.seq_len}\n",
+    ]
+    rows = [
+        ("total parameters", _count(dense), _count(d["moe_total_params"])),
+        ("active parameters / token", _count(dense), _count(d["moe_active_params"])),
+        (
+            "training FLOPs / token",
+            f"{d['dense_train_flops_per_token'] / 1e9:,.2f} GFLOP",
+            f"{d['moe_train_flops_per_token'] / 1e9:,.2f} GFLOP",
+        ),
+        ("parameters per rank", _count(dense), _count(d["params_per_rank"])),
+        ("parameter memory per rank", _gib(d["dense_param_bytes_per_rank"]), _gib(d["param_bytes_per_rank"])),
+        ("Adam state per rank", _gib(d["dense_adam_bytes_per_rank"]), _gib(d["adam_bytes_per_rank"])),
+    ]
+    w0 = max(len(r[0]) for r in rows)
+    lines.append(f"| {'':{w0}} | {'dense':>14} | {'MoE':>14} |")
+    lines.append(f"|{'-' * (w0 + 2)}|{'-' * 16}|{'-' * 16}|")
+    lines += [f"| {name:{w0}} | {a:>14} | {b:>14} |" for name, a, b in rows]
+    ratio = d["moe_train_flops_per_token"] / d["dense_train_flops_per_token"]
+    lines.append(
+        f"\nMoE/dense FLOPs per token: {ratio:.2f}x; total/active parameters: "
+        f"{d['moe_total_params'] / d['moe_active_params']:.2f}x"
+    )
+    return "\n".join(lines)

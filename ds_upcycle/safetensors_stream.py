@@ -1,6 +1,7 @@
-"""Write HF-style sharded safetensors one tensor at a time, so peak memory is one tensor.
+"""HF-style sharded safetensors, read and written one tensor at a time, so peak memory is a tensor.
 
-The safetensors layout is an 8-byte little-endian header length, a JSON header naming every
+Reading: :func:`read_lazily` maps every tensor name of a folder's shards to its shape and a loader.
+Writing: the safetensors layout is an 8-byte little-endian header length, a JSON header naming every
 tensor's dtype, shape and byte range, then the raw bytes. Because the header only needs shapes
 and dtypes, each shard's header is written first and the tensors are then produced and
 appended one by one; nothing holds a whole shard, let alone a whole model.
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import struct
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,3 +94,36 @@ def write_sharded(
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     return weight_map
+
+
+def read_lazily(folder: Path, keep: int = 3) -> dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]]:
+    """{name: (shape, loader)} over a folder's ``*.safetensors`` shards, read lazily.
+
+    The last ``keep`` tensors read stay in memory: an upcycled MLP writes gate, up and down once
+    per expert, so each is read from disk once, and peak memory stays at a few tensors.
+    """
+    from safetensors import safe_open
+
+    files = sorted(Path(folder).glob("*.safetensors"))
+    if not files:
+        raise ValueError(f"model folder ({str(folder)!r}) has no *.safetensors weights")
+    recent: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def loader(f: Path, k: str) -> Callable[[], torch.Tensor]:
+        def load() -> torch.Tensor:
+            if k not in recent:
+                with safe_open(str(f), framework="pt") as g:
+                    recent[k] = g.get_tensor(k)
+                while len(recent) > keep:
+                    recent.popitem(last=False)
+            recent.move_to_end(k)
+            return recent[k]
+
+        return load
+
+    out = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as h:
+            for k in h.keys():
+                out[k] = (tuple(h.get_slice(k).get_shape()), loader(f, k))
+    return out

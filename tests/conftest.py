@@ -8,13 +8,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from ds_upcycle.launch import launcher_cmd, run_launcher
+from ds_upcycle.launch import TrainingRun, launch_module, run_training
 
 ROOT = Path(__file__).resolve().parents[1]
 LOCAL_HOSTFILE = ROOT / "hostfiles" / "localhost"
 # A fixed port for every launcher run in the suite: DeepSpeed's CPU comm op leaves one ~69 MB
 # /dev/shm/deepspeed_allreduce_buffer_* file per (port, rank) and never removes it, so fresh
-# ports would fill RAM (see ../shared/NOTES.md). Runs are sequential, so one port is enough.
+# ports would fill RAM (deepspeed/ops/csrc/cpu/comm/shm.cpp never unlinks it). Runs are sequential, so one port is enough.
 LAUNCH_PORT = int(os.environ.get("DS_UPCYCLE_TEST_PORT", "29731"))
 
 
@@ -28,10 +28,10 @@ def dist_world():
 
 @pytest.fixture
 def tiny_llama():
-    """Factory: a tiny random LlamaForCausalLM (fp32, eval) for a variant of ds_upcycle.tiny."""
+    """Factory: a tiny random LlamaForCausalLM (fp32, eval) for a variant of ds_upcycle.tools.tiny."""
     from transformers import LlamaForCausalLM
 
-    from ds_upcycle.tiny import tiny_llama_config
+    from ds_upcycle.tools.tiny import tiny_llama_config
 
     def make(variant: str = "gqa", seed: int = 0, **overrides):
         torch.manual_seed(seed)
@@ -42,9 +42,10 @@ def tiny_llama():
 
 def launch(module: str, args: list[str], nprocs: int = 2, timeout: float = 600, env: dict | None = None):
     """Run `deepspeed --module MODULE ARGS` with the localhost hostfile and `nprocs` CPU ranks."""
-    cmd = launcher_cmd(module, args, num_gpus=nprocs, hostfile=LOCAL_HOSTFILE, master_port=LAUNCH_PORT)
-    env = {"OMP_NUM_THREADS": "1", **(env or {})}
-    return run_launcher(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return launch_module(
+        module, args, num_gpus=nprocs, hostfile=LOCAL_HOSTFILE, master_port=LAUNCH_PORT,
+        env={"OMP_NUM_THREADS": "1", **(env or {})}, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
+    )  # fmt: skip
 
 
 @pytest.fixture
@@ -52,10 +53,21 @@ def launcher():
     return launch
 
 
+def train(
+    setup: dict, out, nprocs: int = 2, env: dict | None = None, timeout: float = 600, config=None, **overrides
+) -> TrainingRun:
+    """A real training run of the CPU debug config (or ``config``) on the tiny setup, through
+    `ds_upcycle.launch.run_training` like every front end."""
+    return run_training(
+        config or DEBUG_CONFIG, debug_overrides(setup, out, **overrides), num_gpus=nprocs, hostfile=LOCAL_HOSTFILE,
+        master_port=LAUNCH_PORT, env={"OMP_NUM_THREADS": "1", **(env or {})}, capture=True, timeout=timeout, cwd=ROOT,
+    )  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def tiny_setup(tmp_path_factory):
     """A tiny Llama checkpoint folder (safetensors + tokenizer) and a text corpus, on disk."""
-    from ds_upcycle.tiny import write_tiny_setup
+    from ds_upcycle.tools.tiny import write_tiny_setup
 
     return write_tiny_setup(tmp_path_factory.mktemp("tiny_setup"))
 
@@ -95,7 +107,6 @@ def reference_run(tiny_setup, tmp_path_factory):
     """An uninterrupted 20-step 2-rank run (ZeRO-2, ep 2), saving at step 10 and 20: the
     reference that resumed and interrupted runs must reproduce."""
     out = tmp_path_factory.mktemp("reference") / "run"
-    overrides = debug_overrides(tiny_setup, out, **{"train.steps": REFERENCE_STEPS, "train.save_every": 10})
-    proc = launch("ds_upcycle.train", [str(DEBUG_CONFIG), *overrides])
+    proc = train(tiny_setup, out, **{"train.steps": REFERENCE_STEPS, "train.save_every": 10})
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return out

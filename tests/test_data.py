@@ -12,7 +12,7 @@ from ds_upcycle.data import BlockSampler, eval_batches, expand_paths, load_block
 
 @pytest.fixture(scope="module")
 def tiny_setup(tmp_path_factory):
-    from ds_upcycle.tiny import write_tiny_setup
+    from ds_upcycle.tools.tiny import write_tiny_setup
 
     return write_tiny_setup(tmp_path_factory.mktemp("tiny"), n_docs=120)
 
@@ -126,7 +126,7 @@ def test_empty_and_too_short_data(tmp_path, tokenizer):
 def test_dataset_by_name_with_streaming(tmp_path, tokenizer, streaming):
     """The hub path (`load_dataset(name, streaming=...)`), fed a local dataset folder: no hub here."""
     from ds_upcycle.data import load_hub_blocks
-    from ds_upcycle.tiny import synthetic_corpus
+    from ds_upcycle.tools.tiny import synthetic_corpus
 
     folder = tmp_path / "ds"
     folder.mkdir()

@@ -9,7 +9,8 @@ import math
 import pytest
 from conftest import LAUNCH_PORT
 
-from ds_upcycle.demo import main
+from ds_upcycle.cli import main as cli
+from ds_upcycle.tools.demo import main
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +53,6 @@ def test_summary_and_plots_hold_the_run(demo_run):
 
 def test_a_foreign_output_folder_is_refused(tmp_path, capsys):
     (tmp_path / "mine.txt").write_text("precious")
-    assert main(["--out", str(tmp_path), "--layers", "2"]) == 2
+    assert cli(["demo", "--out", str(tmp_path), "--layers", "2"]) == 2
     assert "holds files that are not a ds_upcycle demo" in capsys.readouterr().err
     assert (tmp_path / "mine.txt").read_text() == "precious"

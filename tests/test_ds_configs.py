@@ -6,7 +6,7 @@ import pytest
 from conftest import ROOT
 
 from ds_upcycle.config import load_run_config
-from ds_upcycle.train import validate
+from ds_upcycle.preflight import validate
 
 CONFIGS = sorted((ROOT / "ds_configs").glob("*.json"))
 
@@ -26,7 +26,7 @@ def test_config_validates(path: Path, tiny_setup):
     overrides = [f"--model.path={tiny_setup['model']}", f"--data.train=[\"{tiny_setup['train']}\"]",
                  "--data.eval=[]", "--data.seq_len=64", f"--ds.train_batch_size={micro * accum * world}"]  # fmt: skip
     derived = validate(load_run_config(path, overrides), world)
-    assert derived["global_batch"] == micro * accum * world
+    assert derived.global_batch == micro * accum * world
     assert cfg.moe.num_experts == 8 and cfg.moe.top_k == 2
 
 

@@ -6,13 +6,15 @@ import shutil
 
 import pytest
 import torch
-from conftest import DEBUG_CONFIG, debug_overrides
 from transformers import LlamaForCausalLM, MixtralForCausalLM
 
+from ds_upcycle.checkpoint import load_moe_model
+from ds_upcycle.cli import main as cli
 from ds_upcycle.config import MoEConfig
-from ds_upcycle.export import check_mixtral_representable, export_main, load_moe_model, upcycle_main, upcycle_offline
+from ds_upcycle.export import upcycle_offline
+from ds_upcycle.mixtral import check_representable
 from ds_upcycle.moe import attach_process_groups
-from ds_upcycle.tiny import VARIANTS, tiny_llama_config
+from ds_upcycle.tools.tiny import VARIANTS, tiny_llama_config
 
 
 def _probe(vocab, seed=0):
@@ -31,9 +33,9 @@ def _max_diff(a, b, ids):
 def trained(tiny_setup, tmp_path_factory):
     """{name: run folder}: ep 2 on 2 ranks (untied, all layers), and ep 1 on 1 rank (tied,
     rope_scaling, head_dim != hidden/heads, MoE on layer 0 only)."""
-    from conftest import launch
+    from conftest import train
 
-    from ds_upcycle.tiny import write_tiny_setup
+    from ds_upcycle.tools.tiny import write_tiny_setup
 
     base = tmp_path_factory.mktemp("export")
     tied = write_tiny_setup(base / "tied_setup", variant="tied", head_dim=32,
@@ -45,8 +47,7 @@ def trained(tiny_setup, tmp_path_factory):
     out = {}
     for name, (setup, nprocs, extra) in runs.items():
         run = base / name
-        proc = launch("ds_upcycle.train", [str(DEBUG_CONFIG), *debug_overrides(setup, run, **{"train.steps": 3, **extra})],
-                      nprocs=nprocs)  # fmt: skip
+        proc = train(setup, run, nprocs=nprocs, **{"train.steps": 3, **extra})
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         out[name] = run
     return out
@@ -56,7 +57,7 @@ def trained(tiny_setup, tmp_path_factory):
 @pytest.mark.parametrize("name, flags", [("ep2_untied", []), ("ep1_tied_partial", ["--expand-dense-layers"])])
 def test_export_parity(dist_world, trained, tmp_path, name, flags):
     out = tmp_path / "mixtral"
-    assert export_main([str(trained[name]), str(out), "--dtype", "fp32", *flags]) == 0
+    assert cli(["export", str(trained[name]), str(out), "--dtype", "fp32", *flags]) == 0
     ours, _, _ = load_moe_model(trained[name])
     attach_process_groups(ours)
     theirs = MixtralForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
@@ -74,7 +75,7 @@ def test_export_parity(dist_world, trained, tmp_path, name, flags):
 @pytest.mark.slow
 def test_export_config_carries_the_llama_config(trained, tmp_path):
     out = tmp_path / "mixtral"
-    assert export_main([str(trained["ep1_tied_partial"]), str(out), "--expand-dense-layers"]) == 0
+    assert cli(["export", str(trained["ep1_tied_partial"]), str(out), "--expand-dense-layers"]) == 0
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["architectures"] == ["MixtralForCausalLM"] and cfg["model_type"] == "mixtral"
     assert cfg["rope_scaling"] == {"rope_type": "linear", "factor": 2.0} and cfg["rope_theta"] == 10000.0
@@ -86,7 +87,7 @@ def test_export_config_carries_the_llama_config(trained, tmp_path):
 
 @pytest.mark.slow
 def test_partial_moe_is_refused_without_expansion(trained, tmp_path, capsys):
-    assert export_main([str(trained["ep1_tied_partial"]), str(tmp_path / "m")]) == 2
+    assert cli(["export", str(trained["ep1_tied_partial"]), str(tmp_path / "m")]) == 2
     assert "makes only 1 of 2 layers MoE; Mixtral has an MoE block in every layer" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
 
@@ -94,20 +95,20 @@ def test_partial_moe_is_refused_without_expansion(trained, tmp_path, capsys):
 @pytest.mark.slow
 def test_export_bad_inputs(trained, tmp_path, capsys):
     run = trained["ep2_untied"]
-    assert export_main([str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
+    assert cli(["export", str(tmp_path / "missing"), str(tmp_path / "o")]) == 2
     assert "is not a folder" in capsys.readouterr().err
     # an output folder that already holds a model is never overwritten silently
     out = tmp_path / "exists"
-    assert export_main([str(run), str(out)]) == 0
+    assert cli(["export", str(run), str(out)]) == 0
     before = (out / "config.json").read_text()
-    assert export_main([str(run), str(out)]) == 2
+    assert cli(["export", str(run), str(out)]) == 2
     assert "already holds a model; choose another folder or pass --overwrite" in capsys.readouterr().err
     assert (out / "config.json").read_text() == before
-    assert export_main([str(run), str(out), "--overwrite", "--dtype", "bf16"]) == 0
+    assert cli(["export", str(run), str(out), "--overwrite", "--dtype", "bf16"]) == 0
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     # an unsupported dtype
     with pytest.raises(SystemExit) as e:
-        export_main([str(run), str(tmp_path / "o2"), "--dtype", "int8"])
+        cli(["export", str(run), str(tmp_path / "o2"), "--dtype", "int8"])
     assert e.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
     # a checkpoint without its expert files
     broken = tmp_path / "no_experts"
@@ -115,26 +116,26 @@ def test_export_bad_inputs(trained, tmp_path, capsys):
     step = broken / (broken / "latest_complete").read_text()
     for f in step.glob("layer_*_expert_*"):
         f.unlink()
-    assert export_main([str(broken), str(tmp_path / "o3")]) == 2
+    assert cli(["export", str(broken), str(tmp_path / "o3")]) == 2
     assert "layer_0_expert_0_mp_rank_00_model_states.pt is missing" in capsys.readouterr().err
     # a failure midway (an unreadable tokenizer in the source) leaves no output that looks complete
     src = tmp_path / "bad_source"
     shutil.copytree(json.loads((run / "config.json").read_text())["ds_upcycle"]["model"]["path"], src)
     (src / "tokenizer.json").write_text("{not json")
     (src / "tokenizer_config.json").write_text("{not json")
-    assert export_main([str(run), str(tmp_path / "o4"), "--source", str(src)]) == 2
+    assert cli(["export", str(run), str(tmp_path / "o4"), "--source", str(src)]) == 2
     assert not (tmp_path / "o4").exists() and not list(tmp_path.glob(".o4.partial-*"))
 
 
 def test_inexact_settings_are_refused_or_loud():
     cfg = tiny_llama_config()
     with pytest.raises(ValueError, match=r"moe.top_k is 1: DeepSpeed scales the chosen expert .*--allow-inexact"):
-        check_mixtral_representable(cfg, MoEConfig(top_k=1), allow_inexact=False)
+        check_representable(cfg, MoEConfig(top_k=1), allow_inexact=False)
     with pytest.raises(ValueError, match=r"moe.drop_tokens was true in training: Mixtral never drops tokens"):
-        check_mixtral_representable(cfg, MoEConfig(drop_tokens=True), allow_inexact=False)
-    assert len(check_mixtral_representable(cfg, MoEConfig(top_k=1, drop_tokens=True), allow_inexact=True)) == 2
+        check_representable(cfg, MoEConfig(drop_tokens=True), allow_inexact=False)
+    assert len(check_representable(cfg, MoEConfig(top_k=1, drop_tokens=True), allow_inexact=True)) == 2
     with pytest.raises(ValueError, match=r"attention_bias=True; Mixtral has no biases"):
-        check_mixtral_representable(tiny_llama_config(attention_bias=True), MoEConfig(), allow_inexact=True)
+        check_representable(tiny_llama_config(attention_bias=True), MoEConfig(), allow_inexact=True)
 
 
 # -- offline conversion ------------------------------------------------------------------------
@@ -156,12 +157,12 @@ def test_offline_upcycle_reproduces_the_dense_model(tmp_path, variant):
 
 
 def test_trainer_start_from_mixtral_equals_online_upcycling(dist_world, tmp_path, tiny_llama):
-    from ds_upcycle.export import load_mixtral_as_moe
+    from ds_upcycle.mixtral import load_mixtral_as_moe
     from ds_upcycle.upcycle import upcycle
 
     dense = tiny_llama()
     dense.save_pretrained(tmp_path / "dense", safe_serialization=True)
-    assert upcycle_main([str(tmp_path / "dense"), str(tmp_path / "moe"), "--no-progress"]) == 0
+    assert cli(["upcycle", str(tmp_path / "dense"), str(tmp_path / "moe"), "--no-progress"]) == 0
     cfg = MoEConfig(ep_size=2)
     for rank in (0, 1):  # each expert-parallel rank reads only its own experts
         from_mixtral = load_mixtral_as_moe(tmp_path / "moe", cfg, ep_rank=rank)
@@ -173,10 +174,10 @@ def test_trainer_start_from_mixtral_equals_online_upcycling(dist_world, tmp_path
 def test_offline_upcycle_refuses_bad_sources(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    assert upcycle_main([str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
+    assert cli(["upcycle", str(tmp_path / "nope"), str(tmp_path / "o")]) == 2
     assert "dense model ('" in capsys.readouterr().err
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(tmp_path / "gpt2")
-    assert upcycle_main([str(tmp_path / "gpt2"), str(tmp_path / "o")]) == 2
+    assert cli(["upcycle", str(tmp_path / "gpt2"), str(tmp_path / "o")]) == 2
     assert "is GPT2LMHeadModel with hidden_act=None; upcycle supports dense LlamaForCausalLM" in capsys.readouterr().err
 
 
@@ -185,7 +186,7 @@ def test_eval_gives_the_same_perplexity_for_checkpoint_and_export(trained, tiny_
     from ds_upcycle.evaluate import main as eval_main
 
     run, exported = trained["ep2_untied"], tmp_path / "mixtral"
-    assert export_main([str(run), str(exported), "--dtype", "fp32"]) == 0
+    assert cli(["export", str(run), str(exported), "--dtype", "fp32"]) == 0
     results = {}
     for name, model in (("checkpoint", run), ("export", exported), ("dense", tiny_setup["model"])):
         out = tmp_path / f"{name}.json"

@@ -11,14 +11,12 @@ pytestmark = pytest.mark.slow
 def test_two_rank_ep2_upcycling_is_exact(launcher, tmp_path, variant, top_k):
     out = tmp_path / "parity.json"
     proc = launcher(
-        "ds_upcycle.parity",
+        "ds_upcycle.tools.check",
         [
             "--tiny",
             variant,
-            "--top-k",
-            str(top_k),
-            "--ep-size",
-            "2",
+            f"--moe.top_k={top_k}",
+            "--moe.ep_size=2",
             "--json",
             str(out),
         ],
@@ -33,6 +31,6 @@ def test_two_rank_ep2_upcycling_is_exact(launcher, tmp_path, variant, top_k):
 
 def test_two_rank_negative_control_fails(launcher, tmp_path):
     out = tmp_path / "parity.json"
-    proc = launcher("ds_upcycle.parity", ["--top-k", "1", "--ep-size", "2", "--json", str(out)])
+    proc = launcher("ds_upcycle.tools.check", ["--moe.top_k=1", "--moe.ep_size=2", "--json", str(out)])
     assert proc.returncode != 0
     assert json.loads(out.read_text())["max_abs_diff"] > 1e-3

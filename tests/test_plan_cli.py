@@ -42,13 +42,13 @@ LLAMA3_8B = dict(
 def test_plan_llama3_8b_shape(tmp_path, capsys):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(LLAMA3_8B))
-    assert main(["plan", str(cfg), "--ep-size", "8", "--world-size", "8", "--seq-len", "8192", "--json"]) == 0
+    assert main(["plan", str(cfg), "--moe.ep_size=8", "--world-size", "8", "--seq-len", "8192", "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
     assert d["dense_total_params"] == 8_030_261_248  # Llama-3-8B's published parameter count
     # 8 experts x 32 layers x 3 x 4096 x 14336 MLP weights, plus routers, replace 32 dense MLPs.
     assert d["moe_total_params"] == 8_030_261_248 + 32 * 7 * 3 * 4096 * 14336 + 32 * 8 * 4096
     assert d["moe_active_params"] == 8_030_261_248 + 32 * 3 * 4096 * 14336 + 32 * 8 * 4096
-    assert main(["plan", str(cfg), "--ep-size", "8", "--world-size", "8"]) == 0
+    assert main(["plan", str(cfg), "--moe.ep_size=8", "--world-size", "8"]) == 0
     table = capsys.readouterr().out
     assert "| total parameters" in table and "Adam state per rank" in table
 
@@ -56,9 +56,9 @@ def test_plan_llama3_8b_shape(tmp_path, capsys):
 def test_plan_refuses_bad_layouts(tmp_path, capsys):
     cfg = tmp_path / "config.json"
     cfg.write_text(json.dumps(LLAMA3_8B))
-    assert main(["plan", str(cfg), "--ep-size", "3"]) == 2
+    assert main(["plan", str(cfg), "--moe.ep_size=3"]) == 2
     assert "moe.num_experts (8) must be divisible by moe.ep_size (3)" in capsys.readouterr().err
-    assert main(["plan", str(cfg), "--ep-size", "4", "--world-size", "6"]) == 2
+    assert main(["plan", str(cfg), "--moe.ep_size=4", "--world-size", "6"]) == 2
     assert "world_size (6) must be divisible by moe.ep_size (4)" in capsys.readouterr().err
     assert main(["plan", str(tmp_path / "missing")]) == 2
     assert "model ('" in capsys.readouterr().err

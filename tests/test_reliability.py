@@ -11,14 +11,14 @@ import subprocess
 import time
 
 import pytest
-from conftest import DEBUG_CONFIG, LAUNCH_PORT, LOCAL_HOSTFILE, REFERENCE_STEPS, ROOT, debug_overrides, losses
+from conftest import DEBUG_CONFIG, LAUNCH_PORT, LOCAL_HOSTFILE, REFERENCE_STEPS, ROOT, debug_overrides, losses, train
 
 from ds_upcycle import checkpoint
 from ds_upcycle.launch import launcher_cmd, read_hostfile, shm_cleanup
 
 
-def _run(launcher, tiny_setup, out, env=None, **extra):
-    return launcher("ds_upcycle.train", [str(DEBUG_CONFIG), *debug_overrides(tiny_setup, out, **extra)], env=env)
+def _run(tiny_setup, out, env=None, **extra):
+    return train(tiny_setup, out, env=env, **extra)
 
 
 @pytest.mark.slow
@@ -52,16 +52,16 @@ def test_killed_rank_fails_the_job_fast_and_names_it(tiny_setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_interrupted_save_resumes_from_the_last_complete_checkpoint(reference_run, launcher, tiny_setup, tmp_path):
+def test_interrupted_save_resumes_from_the_last_complete_checkpoint(reference_run, tiny_setup, tmp_path):
     out = tmp_path / "run"
-    crashed = _run(launcher, tiny_setup, out, **{"train.steps": REFERENCE_STEPS, "train.save_every": 10,
-                                                 "train.inject_crash_in_save_at_step": REFERENCE_STEPS})  # fmt: skip
+    crashed = _run(tiny_setup, out, **{"train.steps": REFERENCE_STEPS, "train.save_every": 10,
+                                       "debug.inject_crash_in_save_at_step": REFERENCE_STEPS})  # fmt: skip
     assert crashed.returncode != 0
     root = out / "checkpoints"
     assert (root / "latest_complete").read_text() == "step_00000010"  # the half-written save is not "latest"
     assert (root / "step_00000020").is_dir() and not (root / "step_00000020" / checkpoint.MANIFEST).exists()
-    resumed = _run(launcher, tiny_setup, out, **{"train.steps": REFERENCE_STEPS, "train.save_every": 10,
-                                                 "train.resume": True})  # fmt: skip
+    resumed = _run(tiny_setup, out, **{"train.steps": REFERENCE_STEPS, "train.save_every": 10,
+                                       "train.resume": True})  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     ref, got = losses(reference_run), losses(out)
     worst = max(abs(ref[s] - got[s]) for s in range(11, REFERENCE_STEPS + 1))
@@ -97,15 +97,15 @@ class Exploit:
 
 
 @pytest.mark.slow
-def test_nan_stops_keeps_the_last_good_checkpoint_and_leaks_nothing(launcher, tiny_setup, tmp_path):
+def test_nan_stops_keeps_the_last_good_checkpoint_and_leaks_nothing(tiny_setup, tmp_path):
     """NaN at step 5 of 6, saves every 2: exit non-zero, step 4 stays the latest, nothing saved
     after. The same run carries a hostile run name (never given to a shell), a fake W&B key (never
     written anywhere) and a collapse threshold every router exceeds (warned, and logged)."""
     out = tmp_path / "run"
     marker = tmp_path / "pwned"
     secret = "wandb-secret-0123456789abcdef"
-    proc = _run(launcher, tiny_setup, out, env={"WANDB_API_KEY": secret},
-                **{"train.steps": 6, "train.save_every": 2, "train.inject_nan_at_step": 4,
+    proc = _run(tiny_setup, out, env={"WANDB_API_KEY": secret},
+                **{"train.steps": 6, "train.save_every": 2, "debug.inject_nan_at_step": 4,
                    "log.name": f"$(touch {marker}); `touch {marker}`", "log.collapse_max_over_mean": 1.01,
                    "log.collapse_patience": 2})  # fmt: skip
     text = proc.stdout + proc.stderr
@@ -127,10 +127,10 @@ def test_nan_stops_keeps_the_last_good_checkpoint_and_leaks_nothing(launcher, ti
 
 
 @pytest.mark.slow
-def test_nan_can_be_skipped(launcher, tiny_setup, tmp_path):
+def test_nan_can_be_skipped(tiny_setup, tmp_path):
     out = tmp_path / "run"
-    proc = _run(launcher, tiny_setup, out, **{"train.steps": 3, "train.inject_nan_at_step": 1,
-                                             "train.on_nonfinite": "skip"})  # fmt: skip
+    proc = _run(tiny_setup, out, **{"train.steps": 3, "debug.inject_nan_at_step": 1,
+                                   "train.on_nonfinite": "skip"})  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if "loss/lm" in line]
     assert [r["optim/skipped_microbatches"] for r in rows] == [0, 1, 1]

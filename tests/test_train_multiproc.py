@@ -4,15 +4,15 @@ import json
 import math
 
 import pytest
-from conftest import DEBUG_CONFIG, REFERENCE_STEPS, ROOT, debug_overrides, losses
+from conftest import DEBUG_CONFIG, REFERENCE_STEPS, ROOT, debug_overrides, losses, train
 from wandb_records import find_run_file, read_config, read_history
 
 pytestmark = pytest.mark.slow
 STEPS = REFERENCE_STEPS
 
 
-def _train(launcher, tiny_setup, out, **extra):
-    proc = launcher("ds_upcycle.train", [str(DEBUG_CONFIG), *debug_overrides(tiny_setup, out, **extra)])
+def _train(tiny_setup, out, **extra):
+    proc = train(tiny_setup, out, **extra)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
@@ -60,12 +60,12 @@ def test_checkpoints_are_complete(full_run):
     assert state["step"] == STEPS and state["data_position"] == {"next_step": STEPS}
 
 
-def test_exact_resume(full_run, launcher, tiny_setup, tmp_path):
+def test_exact_resume(full_run, tiny_setup, tmp_path):
     """Stop at step 10, resume: every later loss equals the uninterrupted run's."""
     out = tmp_path / "resumed"
-    _train(launcher, tiny_setup, out, **{"train.steps": STEPS, "train.stop_after": 10})
+    _train(tiny_setup, out, **{"train.steps": STEPS, "train.stop_after": 10})
     assert (out / "checkpoints" / "latest_complete").read_text() == "step_00000010"
-    _train(launcher, tiny_setup, out, **{"train.steps": STEPS, "train.resume": True})
+    _train(tiny_setup, out, **{"train.steps": STEPS, "train.resume": True})
     full, resumed = losses(full_run), losses(out)
     assert sorted(resumed) == list(range(1, STEPS + 1))  # no step repeated or skipped
     worst = max(abs(full[s] - resumed[s]) for s in range(11, STEPS + 1))
@@ -76,7 +76,7 @@ def test_exact_resume(full_run, launcher, tiny_setup, tmp_path):
 def test_ablation_of_two_configs(tiny_setup, tmp_path):
     from conftest import LAUNCH_PORT
 
-    from ds_upcycle.ablate import main as ablate
+    from ds_upcycle.tools.ablate import main as ablate
 
     other = tmp_path / "top1.json"
     cfg = json.loads(DEBUG_CONFIG.read_text())

@@ -3,7 +3,11 @@
 import pytest
 from conftest import DEBUG_CONFIG, debug_overrides
 
-from ds_upcycle.train import main
+from ds_upcycle.cli import main as cli
+
+
+def main(argv):
+    return cli(["train", *argv])
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from torch import nn
 from ds_upcycle.config import MoEConfig
 from ds_upcycle.moe import MoEBlock, attach_process_groups, moe_blocks
 from ds_upcycle.plan import make_plan
-from ds_upcycle.tiny import VARIANTS
+from ds_upcycle.tools.tiny import VARIANTS
 from ds_upcycle.upcycle import router_init, upcycle
 
 

