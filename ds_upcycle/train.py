@@ -150,16 +150,12 @@ def load_model(cfg: RunConfig, derived: Derived):
 
 
 def make_engine(cfg: RunConfig, model, derived: Derived):
-    """(engine, LR scheduler). Expert parameters get their own optimizer groups, reduced over
-    expert-data-parallel ranks (deepspeed/moe/utils.py)."""
+    """(engine, LR scheduler) over the optimizer groups of ``ds_upcycle.optim``."""
     import deepspeed
-    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
 
-    from ds_upcycle.moe import moe_blocks
+    from ds_upcycle.optim import param_groups
 
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad], "name": "parameters"}]
-    if moe_blocks(model):
-        groups = split_params_into_different_moe_groups_for_optimizer(groups[0])
+    groups = param_groups(model, cfg)
     schedule = lr_lambda(cfg.train.warmup_steps, cfg.train.steps, cfg.train.min_lr / derived.peak_lr)
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
