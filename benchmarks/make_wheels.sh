@@ -1,7 +1,10 @@
 #!/bin/bash
-# Fill .whl/ (in the project root) with the wheels that an offline GPU machine's Python (3.12,
-# with torch, transformers, numpy, safetensors, tqdm, psutil, einops, msgpack, ninja, py-cpuinfo
-# and pytest already installed) lacks for ds_upcycle.
+# Fill .whl/ (in the project root) with the wheels that the offline GPU machine's Python (3.12,
+# with torch, transformers, numpy, safetensors, tqdm, psutil, einops, msgpack, ninja, py-cpuinfo,
+# tokenizers, matplotlib and pytest already installed) lacks for benchmarks/gpu_h200.sh: deepspeed
+# and its pydantic stack (typing-extensions too: pydantic-core needs a newer one than some images
+# have). The benchmark reads .txt data without `datasets` and runs with W&B disabled, so neither
+# travels. Pass extra package names for other work (e.g. gguf for the demo).
 # Usage (from the project root):  bash benchmarks/make_wheels.sh [EXTRA_PACKAGE ...]
 # Then, on the GPU machine, before running anything:
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -16,5 +19,5 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
   --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
   --platform manylinux2014_x86_64 -d .whl \
   hjson typing-extensions "pydantic==2.14.4" "pydantic-core==2.50.5" annotated-types typing-inspection \
-  gguf "$@"
+  "$@"
 du -sh .whl; ls .whl

@@ -220,6 +220,9 @@ class TrainConfig:
     """Run folder: resolved config, checkpoints, metrics."""
     save_every: int = 0
     """Save a checkpoint every N steps (0: only at the end)."""
+    save_final: bool = True
+    """Save a checkpoint at the end. Benchmarks pass false: an upcycled 8B-class checkpoint is tens of
+    GB, more than a benchmark machine's disk."""
     resume: bool = False
     """Continue from the latest complete checkpoint in output_dir."""
     stop_after: int = 0

@@ -122,16 +122,22 @@ def measured_matmul_tflops(device: torch.device, dtype: torch.dtype, seconds: fl
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e12
 
 
-def peak_tflops(device: torch.device, dtype: torch.dtype, configured: float) -> tuple[float, str]:
-    """(peak TFLOP/s per device, where it came from): config > accelerator table > measured."""
-    if configured > 0:
-        return configured, "config"
+def datasheet_tflops(device: torch.device) -> tuple[float, str] | None:
+    """(dense bf16 peak TFLOP/s from the vendor's datasheet, "table:NAME"), or None when the
+    device is not in PEAK_TFLOPS (CPUs, unknown GPUs)."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         for key, value in PEAK_TFLOPS.items():
             if key in name:
                 return value, f"table:{key}"
-    return measured_matmul_tflops(device, dtype), "measured"
+    return None
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype, configured: float) -> tuple[float, str]:
+    """(peak TFLOP/s per device, where it came from): config > datasheet table > measured."""
+    if configured > 0:
+        return configured, "config"
+    return datasheet_tflops(device) or (measured_matmul_tflops(device, dtype), "measured")
 
 
 def mfu(flops_per_token: float, tokens_per_s_per_device: float, peak: float) -> float:

@@ -122,16 +122,55 @@ class Plan:
     def adam_bytes_per_rank(self, zero_stage: int, moe: bool = True) -> float:
         """Adam state per rank. ZeRO-1/2 partition it over the data-parallel ranks: non-expert
         state over world_size, expert state over the expert-data-parallel size world/ep."""
-        per = ADAM_BYTES[self.dtype]
-        if not moe:
-            return per * self.dense_total / (1 if zero_stage == 0 else self.world_size)
-        non_expert = self.moe_total - self.expert_params
-        local_expert = self.expert_params / self.ep_size
-        if zero_stage == 0:
-            return per * (non_expert + local_expert)
-        return per * (non_expert / self.world_size + local_expert / (self.world_size // self.ep_size))
+        return ADAM_BYTES[self.dtype] * sum(self._partition(zero_stage, moe))
 
-    def to_dict(self, zero_stage: int) -> dict:
+    def _partition(self, zero_stage: int, moe: bool) -> tuple[float, float]:
+        """(non-expert, expert) parameters a rank keeps per-parameter state for under ZeRO: the
+        whole model at stage 0, else non-expert state over world_size and the local experts' over
+        the expert-data-parallel size world/ep."""
+        if not moe:
+            return self.dense_total / (1 if zero_stage == 0 else self.world_size), 0.0
+        non_expert, local_expert = self.moe_total - self.expert_params, self.expert_params / self.ep_size
+        if zero_stage == 0:
+            return non_expert, local_expert
+        return non_expert / self.world_size, local_expert / (self.world_size // self.ep_size)
+
+    def grad_bytes_per_rank(self, zero_stage: int, moe: bool = True) -> float:
+        """Gradients: in the training dtype for every local parameter (ZeRO-0/1) or the rank's
+        partition (ZeRO-2), plus the fp32 gradient of the rank's partition under mixed precision."""
+        local = self.params_per_rank if moe else self.dense_total
+        half = PARAM_BYTES[self.dtype] * (sum(self._partition(zero_stage, moe)) if zero_stage == 2 else local)
+        master = 0.0 if self.dtype == "fp32" else 4.0 * sum(self._partition(max(zero_stage, 1), moe))
+        return half + master
+
+    def activation_bytes(self, micro_batch: int, checkpointing: bool, moe: bool = True) -> float:
+        """Activation memory of one micro-batch: an estimate (about +-25%), for planning.
+
+        Per token and layer a SwiGLU decoder layer keeps about 10 x hidden values for attention,
+        norms and residuals (memory-efficient attention: no s x s term) and 4 x intermediate for
+        the MLP; an MoE layer keeps that MLP term for each of its top_k routes plus 2 x hidden for
+        dispatch and combine (cf. Korthikanti et al. 2022, "Reducing Activation Recomputation").
+        With (non-reentrant, per-layer) checkpointing only each layer's input is kept, plus one
+        layer recomputed at a time. The LM head adds the logits in the training dtype plus their fp32
+        copy and gradient (HF's loss upcasts).
+        """
+        s, tokens, p = self.shape, micro_batch * self.seq_len, PARAM_BYTES[self.dtype]
+        dense_layer = 10 * s.hidden + 4 * s.intermediate
+        moe_layer = 10 * s.hidden + self.top_k * (4 * s.intermediate + 2 * s.hidden)
+        n_moe = len(self.moe_layers) if moe else 0
+        layers = [moe_layer] * n_moe + [dense_layer] * (s.layers - n_moe)
+        kept = s.layers * s.hidden + max(layers) if checkpointing else sum(layers)
+        return tokens * (p * kept + (p + 8) * s.vocab)
+
+    def peak_bytes_per_rank(self, zero_stage: int, micro_batch: int, checkpointing: bool, moe: bool = True) -> float:
+        """Parameters + gradients + Adam state + activations of one rank: the plan's peak estimate
+        (no allocator fragmentation, no communication buckets)."""
+        params = PARAM_BYTES[self.dtype] * (self.params_per_rank if moe else self.dense_total)
+        adam = self.adam_bytes_per_rank(zero_stage, moe)
+        grads = self.grad_bytes_per_rank(zero_stage, moe)
+        return params + grads + adam + self.activation_bytes(micro_batch, checkpointing, moe)
+
+    def to_dict(self, zero_stage: int, micro_batch: int = 1, checkpointing: bool = True) -> dict:
         return {
             "shape": dataclasses.asdict(self.shape),
             "moe_layers": list(self.moe_layers),
@@ -152,6 +191,20 @@ class Plan:
             "adam_bytes_per_rank": self.adam_bytes_per_rank(zero_stage),
             "dense_param_bytes_per_rank": self.dense_total * PARAM_BYTES[self.dtype],
             "dense_adam_bytes_per_rank": self.adam_bytes_per_rank(zero_stage, moe=False),
+            "micro_batch": micro_batch,
+            "activation_checkpointing": checkpointing,
+            **{
+                f"{prefix}{name}": fn(moe)
+                for prefix, moe in (("", True), ("dense_", False))
+                for name, fn in (
+                    ("grad_bytes_per_rank", lambda m: self.grad_bytes_per_rank(zero_stage, m)),
+                    ("activation_bytes_per_rank", lambda m: self.activation_bytes(micro_batch, checkpointing, m)),
+                    (
+                        "peak_bytes_per_rank",
+                        lambda m: self.peak_bytes_per_rank(zero_stage, micro_batch, checkpointing, m),
+                    ),
+                )
+            },
         }
 
 
@@ -208,6 +261,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seq-len", type=int, default=4096, help="sequence length for FLOPs (default 4096)")
     p.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="training dtype (default bf16)")
     p.add_argument("--zero-stage", type=int, default=1, choices=[0, 1, 2], help="ZeRO stage (default 1)")
+    p.add_argument("--micro-batch", type=int, default=1, help="sequences per rank per micro-batch (default 1)")
+    p.add_argument(
+        "--no-activation-checkpointing", action="store_true", help="estimate activations without checkpointing"
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument_group("MoE settings", moe_overrides_help())
     args, overrides = p.parse_known_args(argv)
@@ -223,7 +280,9 @@ def main(argv: list[str]) -> int:
     else:
         hf = load_hf_config(args.model, field="model")
     plan = make_plan(hf, moe, args.world_size or moe.ep_size, args.seq_len, args.dtype)
-    d = plan.to_dict(args.zero_stage)
+    if args.micro_batch < 1:
+        raise ValueError(f"--micro-batch ({args.micro_batch}) must be >= 1")
+    d = plan.to_dict(args.zero_stage, args.micro_batch, not args.no_activation_checkpointing)
     print(json.dumps(d, indent=2) if args.json else format_table(plan, d, args.model))
     return 0
 
@@ -236,7 +295,8 @@ def format_table(plan: Plan, d: dict, source: str) -> str:
         f"{source}: hidden {s.hidden}, intermediate {s.intermediate}, {s.layers} layers, "
         f"{s.heads} heads ({s.kv_heads} KV, head_dim {s.head_dim}), vocab {s.vocab}, tied {s.tied}",
         f"MoE: {plan.num_experts} experts, top-{plan.top_k}, on {len(plan.moe_layers)}/{s.layers} layers; "
-        f"ep {plan.ep_size}, world {plan.world_size}, ZeRO-{d['zero_stage']}, {plan.dtype}, seq {plan.seq_len}\n",
+        f"ep {plan.ep_size}, world {plan.world_size}, ZeRO-{d['zero_stage']}, {plan.dtype}, seq {plan.seq_len}, "
+        f"micro-batch {d['micro_batch']}, activation checkpointing {'on' if d['activation_checkpointing'] else 'off'}\n",
     ]
     rows = [
         ("total parameters", _count(dense), _count(d["moe_total_params"])),
@@ -249,6 +309,9 @@ def format_table(plan: Plan, d: dict, source: str) -> str:
         ("parameters per rank", _count(dense), _count(d["params_per_rank"])),
         ("parameter memory per rank", _gib(d["dense_param_bytes_per_rank"]), _gib(d["param_bytes_per_rank"])),
         ("Adam state per rank", _gib(d["dense_adam_bytes_per_rank"]), _gib(d["adam_bytes_per_rank"])),
+        ("gradients per rank", _gib(d["dense_grad_bytes_per_rank"]), _gib(d["grad_bytes_per_rank"])),
+        ("activations per rank", _gib(d["dense_activation_bytes_per_rank"]), _gib(d["activation_bytes_per_rank"])),
+        ("peak memory per rank (est.)", _gib(d["dense_peak_bytes_per_rank"]), _gib(d["peak_bytes_per_rank"])),
     ]
     w0 = max(len(r[0]) for r in rows)
     lines.append(f"| {'':{w0}} | {'dense':>14} | {'MoE':>14} |")

@@ -166,6 +166,18 @@ def make_engine(cfg: RunConfig, model, derived: Derived):
     return engine, scheduler
 
 
+def _optimizer_info(engine) -> dict:
+    """What DeepSpeed built: the ZeRO wrapper and the inner optimizer (e.g. torch AdamW, fused)."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    return {
+        "wrapper": type(engine.optimizer).__name__,
+        "optimizer": f"{type(inner).__module__}.{type(inner).__name__}",
+        "fused": bool(getattr(inner, "defaults", {}).get("fused")),
+        "zero_stage": engine.zero_optimization_stage(),
+        "dtype": str(next(engine.module.parameters()).dtype).replace("torch.", ""),
+    }
+
+
 def build(cfg: RunConfig) -> Trainer:
     """Process group, checks, data, model, engine and logger of one rank."""
     import deepspeed
@@ -190,6 +202,8 @@ def build(cfg: RunConfig) -> Trainer:
     engine, scheduler = make_engine(cfg, model, derived)
 
     plan = make_plan(derived.hf_config, cfg.moe, world, cfg.data.seq_len, cfg.model.dtype)
+    zero_stage = (cfg.ds.get("zero_optimization") or {}).get("stage", 0)
+    predicted = plan.peak_bytes_per_rank(zero_stage, derived.micro, cfg.model.activation_checkpointing, bool(blocks))
     peak, peak_source = peak_tflops(device, DTYPES[cfg.model.dtype], cfg.log.peak_tflops)
     config = {**cfg.to_dict(), "world_size": world, "peak_tflops": peak, "peak_source": peak_source}
     logger = RunLogger(out, rank, wandb_mode(cfg.log.wandb), cfg.log, config)
@@ -198,6 +212,8 @@ def build(cfg: RunConfig) -> Trainer:
         "output_dir": str(out), "world_size": world, "moe_layers": [i for i, _ in blocks],
         "params_per_rank": sum(p.numel() for p in model.parameters()), "tokens_per_step": tokens_per_step,
         "peak_tflops": peak, "peak_source": peak_source, "data": info, "wandb": logger.url,
+        "flops_per_token": plan.train_flops_per_token(moe=bool(blocks)), "predicted_peak_gib": predicted / 2**30,
+        "optimizer": _optimizer_info(engine),
     }  # fmt: skip
     return Trainer(
         cfg=cfg, rank=rank, world=world, device=device, engine=engine, scheduler=scheduler, tokenizer=tokenizer,
@@ -412,10 +428,10 @@ def stop_nonfinite(t: Trainer, why: str) -> None:
 
 def finish(t: Trainer, start: int, stop: int) -> dict:
     """Final save, held-out loss, sample and summary.json; returns the summary."""
-    from ds_upcycle.metrics import mfu
+    from ds_upcycle.metrics import mfu, peak_memory_gib
 
     done = max(stop, start)
-    if stop > start:
+    if stop > start and t.cfg.train.save_final:
         save(t, done)
     t.summary["eval_loss_end"] = log_eval(t, done)
     if t.cfg.log.sample_prompt:
@@ -428,9 +444,10 @@ def finish(t: Trainer, start: int, stop: int) -> dict:
         t.summary["step_time_s"] = sum(steady) / len(steady)
         t.summary["optimizer_s"] = sum(steady_opt) / len(steady_opt)
     m = t.last_metrics
+    t.summary["peak_memory_gib"] = peak_memory_gib(t.device)
     t.summary.update(
         steps_done=done, final_train_loss=m.get("loss/lm"), max_over_mean=m.get("router/max_over_mean_worst"),
-        checkpoint=str(t.ckpt_root / checkpoint.tag_for(done)),
+        checkpoint=str(t.ckpt_root / latest) if (latest := checkpoint.latest_tag(t.ckpt_root)) else None,
         router_final={k: v for k, v in m.items() if k.startswith("router/")},
     )  # fmt: skip
     if t.rank == 0:

@@ -12,6 +12,7 @@ nothing here is asserted in tests except the memory bound of the streaming conve
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -20,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -59,7 +61,9 @@ def conversion_shape(size_gb: float) -> dict:
                 num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)  # fmt: skip
 
 
-def write_random_dense(out: Path, shape: dict, max_shard_bytes: int = 2 * 10**9) -> int:
+def write_random_dense(
+    out: Path, shape: dict, max_shard_bytes: int = 2 * 10**9, dtype: torch.dtype = torch.float32
+) -> int:
     """A dense Llama checkpoint of random weights, written tensor by tensor. Returns its bytes."""
     from transformers import LlamaConfig
 
@@ -74,8 +78,8 @@ def write_random_dense(out: Path, shape: dict, max_shard_bytes: int = 2 * 10**9)
     shapes = {k: tuple(t.shape) for k, t in skeleton.state_dict().items()}
     if cfg.tie_word_embeddings:
         shapes.pop("lm_head.weight", None)
-    specs = [TensorSpec(k, s, lambda s=s: torch.randn(s) * 0.02) for k, s in shapes.items()]
-    write_sharded(specs, out, torch.float32, max_shard_bytes)
+    specs = [TensorSpec(k, s, lambda s=s: torch.randn(s, dtype=dtype) * 0.02) for k, s in shapes.items()]
+    write_sharded(specs, out, dtype, max_shard_bytes)
     cfg.architectures = ["LlamaForCausalLM"]
     cfg.save_pretrained(out)
     return sum(p.stat().st_size for p in out.glob("*.safetensors"))
@@ -160,8 +164,8 @@ def conversion(sizes: list[float], moe: MoEConfig, workdir: Path) -> list[dict]:
 # MoE block: ours vs the dense MLP vs HF Mixtral's block
 # --------------------------------------------------------------------------------------------
 
-BLOCK_SHAPES = {"smollm2": (576, 1536), "llama3-8b/4": (1024, 3584)}
-"""(hidden, intermediate): SmolLM2-135M's, and Llama-3-8B's (4096, 14336) scaled by 1/4 to fit a CPU."""
+BLOCK_SHAPES = {"smollm2": (576, 1536), "llama3-8b/4": (1024, 3584), "llama3-8b": (4096, 14336)}
+"""(hidden, intermediate): SmolLM2-135M's, Llama-3-8B's scaled by 1/4 (fits a CPU), and Llama-3-8B's own."""
 
 
 def _blocks(hidden: int, inter: int, moe: MoEConfig, device, dtype):
@@ -194,14 +198,16 @@ def _fwd_bwd_seconds(module, x: torch.Tensor) -> float:
     return time.perf_counter() - t
 
 
-def block(tokens: list[int], repeats: int, moe: MoEConfig, device: str, dtype: str) -> list[dict]:
+def block(tokens: list[int], repeats: int, moe: MoEConfig, device: str, dtype: str, shapes: list[str],
+          emit=None) -> list[dict]:  # fmt: skip
     """Forward + backward of each block on the same input, interleaved (A B C A B C ...) so that
     machine noise hits all of them alike; medians and min-max spread over `repeats`."""
     import statistics
 
     dev, dt = torch.device(device), DTYPES[dtype]
     rows = []
-    for shape_name, (hidden, inter) in BLOCK_SHAPES.items():
+    for shape_name in shapes:
+        hidden, inter = BLOCK_SHAPES[shape_name]
         blocks = _blocks(hidden, inter, moe, dev, dt)
         # Ideal cost relative to the dense MLP: k expert MLPs plus the router's E columns.
         ideal = (moe.top_k * 3 * hidden * inter + moe.num_experts * hidden) / (3 * hidden * inter)
@@ -222,71 +228,108 @@ def block(tokens: list[int], repeats: int, moe: MoEConfig, device: str, dtype: s
                              "median_ms": 1e3 * med, "min_ms": 1e3 * min(ts), "max_ms": 1e3 * max(ts),
                              "over_dense": med / dense_med, "ideal_ratio": ideal_ratio,
                              "over_ideal": med / dense_med / ideal_ratio})  # fmt: skip
+            if emit is not None:
+                emit(rows)
     return rows
 
 
 # --------------------------------------------------------------------------------------------
-# GPU: a whole training step, upcycled vs dense, against the card's measured bf16 matmul rate
+# Whole training steps, upcycled vs dense: `step` on CPU ranks, `gpu` on one GPU
 # --------------------------------------------------------------------------------------------
 
-GPU_MODEL = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=12, num_attention_heads=16,
-                 num_key_value_heads=8, vocab_size=32000, max_position_embeddings=8192, tie_word_embeddings=False)  # fmt: skip
-"""A 0.89 B dense Llama; upcycled to 8 experts top-2 it is 5.1 B total / 1.5 B active (`ds-upcycle plan`):
-bf16 weights and grads (19 GiB) plus Adam state (57 GiB) plus activations at 2 x 4096 tokens fill
-much of one 141 GB H200."""
+LLAMA3_8B_LAYERS = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=3, num_attention_heads=32,
+                        num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
+                        tie_word_embeddings=False)  # fmt: skip
+"""Llama-3-8B's own layer shapes, 3 layers: 1.7 B dense; upcycled to 8 experts top-2, 5.4 B total / 2.2 B
+active, and `ds-upcycle plan` puts ZeRO-2 bf16 Adam at seq 8192, micro-batch 1 with checkpointing at
+~113 GiB per rank: as many layers as fit one H200 (4 layers: ~140 GiB)."""
 SMOKE_MODEL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                    num_key_value_heads=2, vocab_size=320, max_position_embeddings=512, tie_word_embeddings=False)  # fmt: skip
-
-
 SMOLLM2_SHAPE = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                      num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True)  # fmt: skip
 
 
-def train_compare(work: Path, shape: dict, nprocs: int, moe: MoEConfig, steps: int, seq_len: int, micro: int,
-                  device: str, master_port: int | None) -> list[dict]:  # fmt: skip
-    """Train the same generated model dense and upcycled (``moe``) for `steps` steps through
-    `ds-upcycle train`; tokens/s, MFU and the optimizer's share of the step from each run's summary.
-    The peak for MFU is the device's measured matmul rate."""
-    import dataclasses
+@dataclass(frozen=True)
+class StepBench:
+    """One dense-vs-upcycled comparison: a generated model trained through `ds-upcycle train`."""
 
+    shape: dict
+    nprocs: int
+    moe: MoEConfig
+    steps: int
+    seq_len: int
+    micro: int
+    accum: int
+    base: str
+    """The shipped config the runs start from (its optimizer, ZeRO and precision sections)."""
+    device: str
+    extra: dict = field(default_factory=dict)
+    """Further overrides for both runs."""
+
+
+def _bench_overrides(b: StepBench, model: Path, setup: dict, work: Path, out: Path, upcycle: bool) -> list[str]:
+    return to_overrides({
+        "model.path": str(model), "model.upcycle": upcycle, **{f"moe.{k}": v for k, v in dataclasses.asdict(b.moe).items()},
+        "data.train": [setup["train"]], "data.eval": [setup["eval"]], "data.seq_len": b.seq_len,
+        "data.eval_batches": 1, "data.cache_dir": str(work / "cache"),
+        "train.steps": b.steps, "train.warmup_steps": 1, "train.min_lr": 0.0, "train.save_every": 0,
+        "train.save_final": False, "train.output_dir": str(out), "log.wandb": "disabled", "log.heatmap_every": 0,
+        "log.eval_every": 0, "ds.train_micro_batch_size_per_gpu": b.micro, "ds.gradient_accumulation_steps": b.accum,
+        **b.extra,
+    })  # fmt: skip
+
+
+def _step_row(name: str, b: StepBench, summ: dict, measured: float, datasheet: float | None) -> dict:
+    tps = summ["tokens_per_s"] / b.nprocs
+    return {"model": name, "ranks": b.nprocs, "ep": b.moe.ep_size if name != "dense" else "-",
+            "params_per_rank": summ["params_per_rank"], "tokens_per_s": summ["tokens_per_s"],
+            "step_s": summ["step_time_s"], "optimizer_s": summ["optimizer_s"],
+            "fwd_bwd_s": summ["step_time_s"] - summ["optimizer_s"],
+            "mfu_measured": summ["flops_per_token"] * tps / (measured * 1e12),
+            "mfu_datasheet": summ["flops_per_token"] * tps / (datasheet * 1e12) if datasheet else None,
+            "peak_gib": summ["peak_memory_gib"], "predicted_peak_gib": summ["predicted_peak_gib"],
+            "optimizer": summ["optimizer"]["optimizer"], "matmul_tflops_measured": measured,
+            "datasheet_tflops": datasheet}  # fmt: skip
+
+
+def train_compare(
+    work: Path, b: StepBench, master_port: int | None, emit=None, copy_to: Path | None = None
+) -> list[dict]:
+    """Train the same generated model dense and upcycled for ``b.steps`` steps through
+    `ds-upcycle train`: tokens/s, the optimizer's share of the step, MFU against the device's
+    measured matmul rate and against its datasheet peak, and peak memory measured vs planned.
+    ``emit(rows)`` is called after each run; ``copy_to`` receives each run's summary and metrics."""
     from ds_upcycle.launch import run_training
-    from ds_upcycle.metrics import measured_matmul_tflops
+    from ds_upcycle.metrics import datasheet_tflops, measured_matmul_tflops
     from ds_upcycle.tools.tiny import write_tiny_setup
 
-    setup = write_tiny_setup(work / "data", n_docs=2000)  # a real tokenizer (320 ids) and text
+    setup = write_tiny_setup(work / "data", n_docs=20000)  # a real tokenizer (320 ids) and enough text
     model = work / "model"
-    write_random_dense(model, shape)
+    dtype = DTYPES["bf16" if "bf16" in b.base else "fp32"]
+    write_random_dense(model, b.shape, dtype=dtype)
     for f in Path(setup["model"]).glob("tokenizer*"):
         shutil.copy(f, model / f.name)
-    gpu = device == "cuda"
-    peak = measured_matmul_tflops(torch.device(device), DTYPES["bf16" if gpu else "fp32"], seconds=1.0)
-    base = "gpu_zero2_bf16_ep1" if gpu else "cpu_debug_zero2_ep2"
+    device = torch.device(b.device)
+    measured = measured_matmul_tflops(device, dtype, seconds=1.0)
+    datasheet = (datasheet_tflops(device) or (None, ""))[0]
     rows = []
     for name, upcycle in (("dense", False), ("upcycled", True)):
-        out = work / f"{name}_{nprocs}"
-        overrides = to_overrides({
-            "model.path": str(model), "model.upcycle": upcycle, "model.activation_checkpointing": False,
-            **{f"moe.{k}": v for k, v in dataclasses.asdict(moe).items()},
-            "data.train": [setup["train"]], "data.eval": [setup["eval"]], "data.seq_len": seq_len,
-            "data.eval_batches": 1, "data.cache_dir": str(work / "cache"),
-            "train.steps": steps, "train.warmup_steps": 1, "train.min_lr": 0.0, "train.save_every": 0,
-            "train.output_dir": str(out), "log.wandb": "disabled", "log.peak_tflops": peak,
-            "ds.train_micro_batch_size_per_gpu": micro, "ds.gradient_accumulation_steps": 1,
-        })  # fmt: skip
-        result = run_training(base, overrides, num_gpus=nprocs, master_port=master_port, capture=True)
+        out = work / f"{name}_{b.nprocs}"
+        overrides = _bench_overrides(b, model, setup, work, out, upcycle)
+        result = run_training(b.base, overrides, num_gpus=b.nprocs, master_port=master_port, capture=True)
+        if copy_to is not None:
+            for f in ("summary.json", "metrics.jsonl"):
+                if (out / f).is_file():
+                    shutil.copy(out / f, copy_to / f"{name}_{f}")
         if result.returncode != 0:
-            raise RuntimeError(f"the {name} run on {nprocs} rank(s) failed:\n{result.output[-4000:]}")
-        summ = result.summary
-        rows.append({"model": name, "ranks": nprocs, "ep": moe.ep_size if upcycle else "-",
-                     "params_per_rank": summ["params_per_rank"], "tokens_per_s": summ["tokens_per_s"],
-                     "step_s": summ["step_time_s"], "optimizer_s": summ["optimizer_s"],
-                     "fwd_bwd_s": summ["step_time_s"] - summ["optimizer_s"], "mfu": summ["mfu"],
-                     "peak_tflops_measured": peak})  # fmt: skip
+            raise RuntimeError(f"the {name} run on {b.nprocs} rank(s) failed:\n{result.output[-4000:]}")
+        rows.append(_step_row(name, b, result.summary, measured, datasheet))
+        if emit is not None:
+            emit(rows)
     dense, upcycled = rows
-    plan_ratio = _active_flop_ratio(shape, moe, seq_len)
-    upcycled["fwd_bwd_over_dense"] = upcycled["fwd_bwd_s"] / dense["fwd_bwd_s"]
-    upcycled["ideal_ratio"] = plan_ratio
-    upcycled["over_ideal"] = upcycled["fwd_bwd_over_dense"] / plan_ratio
+    ratio = _active_flop_ratio(b.shape, b.moe, b.seq_len)
+    upcycled.update(fwd_bwd_over_dense=upcycled["fwd_bwd_s"] / dense["fwd_bwd_s"], ideal_ratio=ratio,
+                    over_ideal=upcycled["fwd_bwd_s"] / dense["fwd_bwd_s"] / ratio)  # fmt: skip
     return rows
 
 
@@ -299,32 +342,52 @@ def _active_flop_ratio(shape: dict, moe: MoEConfig, seq_len: int) -> float:
     return plan.train_flops_per_token(moe=True) / plan.train_flops_per_token(moe=False)
 
 
+def gpu_bench(args, moe: MoEConfig) -> StepBench:
+    """The `gpu` benchmark's settings: Llama-3-8B layer shapes on one GPU (bf16, ZeRO-2, fused torch
+    AdamW, activation checkpointing, as gpu_zero2_bf16_ep1), or with --smoke the same path on the
+    CPU with a tiny model."""
+    moe = dataclasses.replace(moe, ep_size=1)
+    if args.smoke:
+        return StepBench(SMOKE_MODEL, 1, moe, 3, 64, 1, 2, "gpu_zero2_bf16_ep1", "cpu")
+    shape = {**LLAMA3_8B_LAYERS, "num_hidden_layers": args.layers or LLAMA3_8B_LAYERS["num_hidden_layers"]}
+    return StepBench(
+        shape, 1, moe, args.steps, args.seq_len, args.micro_batch, args.accum, "gpu_zero2_bf16_ep1", "cuda"
+    )
+
+
 def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     out = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        out.append("| " + " | ".join(format(r[c[0]], c[2]) for c in cols) + " |")
+        out.append("| " + " | ".join("-" if r.get(c[0]) is None else format(r[c[0]], c[2]) for c in cols) + " |")
     return "\n".join(out)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="ds-upcycle bench",
-        description="Measure speed and memory; print a Markdown table and write JSON. "
+        description="Measure speed and memory; print a Markdown table and write JSON (rewritten as each "
+        "measurement arrives, so a later failure loses nothing). "
         "conversion: offline dense -> Mixtral upcycling of generated checkpoints of the given sizes: "
         "throughput (GB written per second) against the disk's sequential copy speed, and peak RSS "
         "against checkpoint size. block: forward + backward of our upcycled MoE block, the dense Llama MLP "
         "and HF's MixtralSparseMoeBlock at the same shapes, interleaved, with each block's time over the "
         "dense MLP's divided by the ideal FLOP ratio (k experts plus the router). step: whole training steps "
         "of a generated model of SmolLM2's shape, dense and upcycled, on 1 CPU rank (ep 1) and 2 (ep 2), the "
-        "optimizer timed apart. gpu: the same on one GPU in bf16 with a ~1.2 B model.",
+        "optimizer timed apart. gpu: the same on one GPU with Llama-3-8B's layer shapes (3 layers, seq 8192, "
+        "bf16, ZeRO-2, fused torch AdamW, gradient accumulation 4), MFU against the datasheet peak and "
+        "against the measured matmul rate, peak memory measured vs `plan`'s estimate; --smoke runs the same "
+        "path on the CPU with a tiny model. preflight: the device, versions, measured matmul rate and the "
+        "gpu benchmark's planned sizes, in seconds.",
     )
     p.add_argument("what", choices=sorted(BENCHES), help="which benchmark")
-    p.add_argument("--layers", type=int, default=0, help="step: SmolLM2 shape with only N layers (default: all 30)")
-    p.add_argument("--steps", type=int, default=30, help="gpu: training steps per run (default 30)")
-    p.add_argument("--seq-len", type=int, default=4096, help="gpu: tokens per sequence (default 4096)")
-    p.add_argument("--micro-batch", type=int, default=4, help="gpu: sequences per step (default 4)")
+    p.add_argument("--layers", type=int, default=0, help="step: SmolLM2 shape with N layers (default 30); gpu: 3")
+    p.add_argument("--steps", type=int, default=None, help="step/gpu: training steps per run (default 6 / 8)")
+    p.add_argument("--seq-len", type=int, default=None, help="step/gpu: tokens per sequence (default 128 / 8192)")
+    p.add_argument("--micro-batch", type=int, default=None, help="step/gpu: sequences per micro-batch (default 2 / 1)")
+    p.add_argument("--accum", type=int, default=4, help="gpu: gradient accumulation steps (default 4)")
     p.add_argument("--smoke", action="store_true", help="gpu: run the same path on CPU with a tiny model (a check)")
-    p.add_argument("--master-port", type=int, default=None, help="gpu: rendezvous port")
+    p.add_argument("--copy-runs", default=None, help="gpu/step: copy each run's summary.json and metrics.jsonl here")
+    p.add_argument("--master-port", type=int, default=None, help="step/gpu: rendezvous port")
     p.add_argument(
         "--sizes",
         type=float,
@@ -335,12 +398,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--tokens", type=int, nargs="+", default=[512, 2048, 4096], help="block: token counts (default 512 2048 4096)"
     )
+    p.add_argument(
+        "--shapes", nargs="+", choices=sorted(BLOCK_SHAPES), default=["smollm2", "llama3-8b/4"],
+        help="block: (hidden, intermediate) shapes (default smollm2 llama3-8b/4; llama3-8b is the full 4096/14336)",
+    )  # fmt: skip
     p.add_argument("--repeats", type=int, default=9, help="block: timed repeats per block (default 9)")
     p.add_argument("--device", default="cpu", help="block: cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="block: dtype (default fp32)")
-    p.add_argument(
-        "--workdir", default=None, help="conversion: scratch folder on the disk to measure (default: a temp folder)"
-    )
+    p.add_argument("--workdir", default=None, help="conversion/step/gpu: scratch folder (default: a temp folder)")
     p.add_argument("--json", default=None, help="JSON output file (default bench_<what>.json)")
     p.add_argument_group("MoE settings", moe_overrides_help() + "; conversion defaults to num_experts=4")
     return p
@@ -349,34 +414,63 @@ def build_parser() -> argparse.ArgumentParser:
 TRAIN_COLUMNS = [("model", "model", ""), ("ranks", "ranks", "d"), ("ep", "ep", ""), ("params_per_rank", "params/rank", ",d"),
                  ("tokens_per_s", "tokens/s", ",.0f"), ("step_s", "step s", ".3f"), ("optimizer_s", "optimizer s", ".3f"),
                  ("fwd_bwd_over_dense", "fwd+bwd x dense", ".2f"), ("ideal_ratio", "active-FLOP x", ".2f"),
-                 ("over_ideal", "x ideal", ".2f"), ("mfu", "MFU", ".3f")]  # fmt: skip
+                 ("over_ideal", "x ideal", ".2f"), ("mfu_measured", "MFU vs measured matmul", ".3f"),
+                 ("mfu_datasheet", "MFU vs datasheet", ".3f"), ("peak_gib", "peak GiB", ".1f"),
+                 ("predicted_peak_gib", "plan GiB", ".1f")]  # fmt: skip
 
 
-def bench_training(args, moe: MoEConfig) -> tuple[list[dict], list, dict]:
+def bench_training(args, moe: MoEConfig, emit) -> tuple[list[dict], list, dict]:
     """`step` (1 and 2 CPU ranks) or `gpu` (one GPU, or the CPU with --smoke)."""
-    import dataclasses
-
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ds_upcycle_step_"))
-    rows = []
+    copy_to = Path(args.copy_runs) if args.copy_runs else None
+    if copy_to is not None:
+        copy_to.mkdir(parents=True, exist_ok=True)
     if args.what == "gpu":
-        shape = SMOKE_MODEL if args.smoke else GPU_MODEL
-        rows += train_compare(work / "g", shape, 1, dataclasses.replace(moe, ep_size=1), args.steps, args.seq_len,
-                              args.micro_batch, "cpu" if args.smoke else "cuda", args.master_port)  # fmt: skip
+        benches = [(work / "g", gpu_bench(args, moe))]
     else:
-        shape = {**SMOLLM2_SHAPE, "num_hidden_layers": args.layers} if args.layers else SMOLLM2_SHAPE
-        for nprocs in (1, 2):
-            rows += train_compare(work / f"r{nprocs}", shape, nprocs, dataclasses.replace(moe, ep_size=nprocs),
-                                  args.steps, args.seq_len, args.micro_batch, "cpu", args.master_port)  # fmt: skip
+        shape = {**SMOLLM2_SHAPE, "num_hidden_layers": args.layers or SMOLLM2_SHAPE["num_hidden_layers"]}
+        benches = [(work / f"r{n}", StepBench(shape, n, dataclasses.replace(moe, ep_size=n), args.steps or 6,
+                                              args.seq_len or 128, args.micro_batch or 2, 1, "cpu_debug_zero2_ep2",
+                                              "cpu")) for n in (1, 2)]  # fmt: skip
+    rows: list[dict] = []
+    for folder, b in benches:
+        done = list(rows)
+        rows += train_compare(folder, b, args.master_port, lambda part, done=done: emit(done + part), copy_to)
+        emit(rows)
     for r in rows:
         r.setdefault("fwd_bwd_over_dense", 1.0)
         r.setdefault("ideal_ratio", 1.0)
         r.setdefault("over_ideal", 1.0)
-    config = {"steps": args.steps, "seq_len": args.seq_len, "micro_batch": args.micro_batch, "layers": args.layers}
-    return rows, TRAIN_COLUMNS, config
+    config = [dataclasses.asdict(b) for _, b in benches]
+    return rows, TRAIN_COLUMNS, {"runs": config}
 
 
-def bench_block(args, moe: MoEConfig) -> tuple[list[dict], list, dict]:
-    rows = block(args.tokens, args.repeats, moe, args.device, args.dtype)
+def bench_preflight(args, moe: MoEConfig, emit) -> tuple[list[dict], list, dict]:
+    """The device, its measured bf16 (GPU) or fp32 (CPU) matmul rate and datasheet peak, and what the
+    `gpu` benchmark will need by `plan`: the first stage of benchmarks/gpu_h200.sh."""
+    from transformers import LlamaConfig
+
+    from ds_upcycle.metrics import datasheet_tflops, measured_matmul_tflops
+    from ds_upcycle.plan import make_plan
+
+    b = gpu_bench(args, moe)
+    device = torch.device(b.device if torch.cuda.is_available() or b.device == "cpu" else "cpu")
+    dtype = DTYPES["bf16" if device.type == "cuda" else "fp32"]
+    plan = make_plan(LlamaConfig(**b.shape), b.moe, 1, b.seq_len, "bf16")
+    row = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+           "memory_gib": torch.cuda.get_device_properties(0).total_memory / 2**30 if device.type == "cuda" else None,
+           "matmul_tflops_measured": measured_matmul_tflops(device, dtype, seconds=2.0),
+           "datasheet_tflops": (datasheet_tflops(device) or (None, ""))[0],
+           "dense_params": plan.dense_total, "moe_params": plan.moe_total, "moe_active_params": plan.moe_active,
+           "dense_plan_peak_gib": plan.peak_bytes_per_rank(2, b.micro, True, moe=False) / 2**30,
+           "moe_plan_peak_gib": plan.peak_bytes_per_rank(2, b.micro, True, moe=True) / 2**30}  # fmt: skip
+    emit([row])
+    cols = [(k, k, ".3g" if isinstance(v, float) else "") for k, v in row.items() if v is not None]
+    return [row], cols, {"gpu_bench": dataclasses.asdict(b)}
+
+
+def bench_block(args, moe: MoEConfig, emit) -> tuple[list[dict], list, dict]:
+    rows = block(args.tokens, args.repeats, moe, args.device, args.dtype, args.shapes, emit)
     cols = [("shape", "shape", ""), ("tokens", "tokens", "d"), ("block", "block", ""), ("median_ms", "median ms", ".1f"),
             ("min_ms", "min ms", ".1f"), ("max_ms", "max ms", ".1f"), ("over_dense", "x dense", ".2f"),
             ("ideal_ratio", "ideal x", ".2f"), ("over_ideal", "x ideal", ".2f")]  # fmt: skip
@@ -385,7 +479,7 @@ def bench_block(args, moe: MoEConfig) -> tuple[list[dict], list, dict]:
     return rows, cols, config
 
 
-def bench_conversion(args, moe: MoEConfig) -> tuple[list[dict], list, dict]:
+def bench_conversion(args, moe: MoEConfig, emit) -> tuple[list[dict], list, dict]:
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ds_upcycle_bench_"))
     work.mkdir(parents=True, exist_ok=True)
     try:
@@ -399,16 +493,26 @@ def bench_conversion(args, moe: MoEConfig) -> tuple[list[dict], list, dict]:
     return rows, cols, {"num_experts": moe.num_experts}
 
 
-BENCHES = {"conversion": bench_conversion, "block": bench_block, "step": bench_training, "gpu": bench_training}
+BENCHES = {"conversion": bench_conversion, "block": bench_block, "step": bench_training, "gpu": bench_training,
+           "preflight": bench_preflight}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
     args, overrides = build_parser().parse_known_args(argv)
     moe = moe_from_overrides(overrides, base=MoEConfig(num_experts=4) if args.what == "conversion" else None)
-    rows, cols, config = BENCHES[args.what](args, moe)
     out_json = Path(args.json or f"bench_{args.what}.json")
+    info = machine_info()
+
+    def emit(rows: list[dict], config: dict | None = None) -> None:
+        """Write what is measured so far (atomically): a stage that fails later loses nothing."""
+        tmp = out_json.with_name(f".{out_json.name}.tmp")
+        tmp.write_text(json.dumps({"machine": info, "config": config, "rows": rows, "complete": config is not None},
+                                  indent=2, default=str))  # fmt: skip
+        tmp.replace(out_json)
+
+    rows, cols, config = BENCHES[args.what](args, moe, emit)
+    emit(rows, config)
     print(_table(rows, cols))
-    out_json.write_text(json.dumps({"machine": machine_info(), "config": config, "rows": rows}, indent=2))
     print(f"\nwritten: {out_json}")
     return 0
 
