@@ -22,13 +22,18 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ds_upcycle.distributed import barrier
+
+log = logging.getLogger("ds_upcycle")
 
 LATEST = "latest_complete"
 STATE = "ds_upcycle_state.json"
@@ -64,6 +69,9 @@ def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_com
     """
     tag = tag_for(step)
     folder = root / tag
+    if rank == 0:
+        _clear_for_save(folder)
+    barrier()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -80,6 +88,18 @@ def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_com
         atomic_write_text(root / LATEST, tag)
     barrier()
     return folder
+
+
+def _clear_for_save(folder: Path) -> None:
+    """No save ever writes into a complete checkpoint's folder: a complete one of the same step
+    (e.g. left by a save cut off between its manifest and the latest pointer) is moved aside,
+    never overwritten; a partial one (no manifest: never loadable) is removed."""
+    if (folder / MANIFEST).is_file():
+        aside = folder.with_name(f"{folder.name}.superseded-{time.strftime('%Y%m%d-%H%M%S')}")
+        folder.rename(aside)
+        log.warning("checkpoint %s already existed complete; moved it aside to %s", folder, aside)
+    elif folder.exists():
+        shutil.rmtree(folder)
 
 
 def latest_tag(root: Path) -> str | None:

@@ -33,6 +33,8 @@ ROUTER_INITS = ("normal", "zeros")
 EXPERT_INITS = ("copy", "noise")
 BALANCE_MODES = ("micro_batch", "global_batch")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
+MAX_EXPERTS = 4096
+"""Far beyond any published MoE; a bound that catches typos before they exhaust memory."""
 
 
 def _positive(name: str, value: float) -> None:
@@ -93,6 +95,8 @@ class MoEConfig:
 
     def __post_init__(self) -> None:
         _positive("moe.num_experts", self.num_experts)
+        if self.num_experts > MAX_EXPERTS:
+            raise ValueError(f"moe.num_experts ({self.num_experts}) must be <= {MAX_EXPERTS}")
         _positive("moe.top_k", self.top_k)
         _positive("moe.ep_size", self.ep_size)
         if self.top_k > self.num_experts:
@@ -120,6 +124,8 @@ class MoEConfig:
                 )
         elif not self.moe_layers:
             raise ValueError("moe.moe_layers ([]) must name at least one layer")
+        elif not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in self.moe_layers):
+            raise ValueError(f"moe.moe_layers ({self.moe_layers}) must be layer indices: integers >= 0")
         elif len(set(self.moe_layers)) != len(self.moe_layers):
             raise ValueError(f"moe.moe_layers ({self.moe_layers}) has duplicate indices")
 
@@ -225,6 +231,9 @@ class TrainConfig:
     GB, more than a benchmark machine's disk."""
     resume: bool = False
     """Continue from the latest complete checkpoint in output_dir."""
+    overwrite: bool = False
+    """Start a new run in an output_dir that already holds one: the old run is moved aside to
+    <output_dir>.old-<time> (never deleted). Without it (or resume), such a folder is refused."""
     stop_after: int = 0
     """Stop after this step (with a checkpoint), to resume later on the same schedule (0: run to steps)."""
     timeout_s: float = 300.0
@@ -447,6 +456,11 @@ def load_run_config(path: str | Path, overrides: list[str] | None = None) -> Run
         raise ValueError(
             f"config file {str(path)!r} has a top-level 'expert_parallel' key, which switches on "
             f"DeepSpeed's AutoEP; put MoE settings under '{PROJECT_KEY}.moe' instead"
+        )
+    if PROJECT_KEY not in raw:
+        raise ValueError(
+            f"config file {str(path)!r} has no {PROJECT_KEY!r} section (model, moe, data, train, log): it looks like a "
+            f"plain DeepSpeed config. Add the section; `ds-upcycle configs --path cpu_debug_zero2_ep2` shows one"
         )
     return run_config_from_dict(raw, overrides, str(path))
 

@@ -8,8 +8,13 @@ traceback.
 
 from __future__ import annotations
 
+import errno
+import json
+import socket
 import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 EXIT_USAGE = 2
 """A user error: bad config, path, flag or input. Nothing was started or written."""
@@ -27,6 +32,24 @@ class NonFiniteError(RunError):
     exit_code = 3
 
 
+EXIT_OS = 4
+"""The operating system refused: no space left, a read-only or unwritable path."""
+
+
+def os_message(e: OSError) -> str:
+    """One line for an OSError: what happened, where, and what is kept."""
+    where = f" ({e.filename})" if e.filename else ""
+    if e.errno == errno.ENOSPC:
+        return (
+            f"no space left on the device{where}; free space or choose another folder and rerun. Outputs are written "
+            "beside their target and moved into place only when complete, so the interrupted one is not used and "
+            "earlier complete ones are kept"
+        )
+    if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return f"{e.strerror.lower()}{where}; choose a folder you can write to"
+    return f"{e.strerror or e}{where}"
+
+
 def run_guarded(main: Callable[[list[str]], int], argv: list[str]) -> int:
     """Call a ``main(argv) -> int``; user errors become one line on stderr and their exit code."""
     try:
@@ -37,3 +60,49 @@ def run_guarded(main: Callable[[list[str]], int], argv: list[str]) -> int:
     except RunError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        print(f"error: {os_message(e)}", file=sys.stderr)
+        return EXIT_OS
+
+
+# --------------------------------------------------------------------------------------------
+# Which rank failed first: each rank leaves a record, the front end reads the earliest
+# --------------------------------------------------------------------------------------------
+
+FAILURES = "failures"
+"""Folder (in the run's output folder) of one JSON record per rank that raised."""
+
+
+def record_failure(out_dir: Path, rank: int, exc: BaseException) -> None:
+    """Leave a record of this rank's failure for the front end (best effort: never masks ``exc``)."""
+    record = {
+        "rank": rank, "host": socket.gethostname(), "time": time.time(), "type": type(exc).__name__,
+        "user_error": isinstance(exc, ValueError), "exit_code": exit_code(exc),
+        "message": os_message(exc) if isinstance(exc, OSError) else str(exc)[:2000],
+    }  # fmt: skip
+    try:
+        folder = out_dir / FAILURES
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"rank_{rank:05d}.json").write_text(json.dumps(record))
+    except OSError:
+        pass
+
+
+def first_failure(out_dir: Path) -> dict | None:
+    """The earliest failure record of a run (the rank that failed first, not a peer that then lost
+    its connection to it), or None."""
+    records = []
+    for f in sorted((out_dir / FAILURES).glob("rank_*.json")):
+        try:
+            records.append(json.loads(f.read_text()))
+        except (OSError, json.JSONDecodeError):
+            continue
+    return min(records, key=lambda r: r["time"]) if records else None
+
+
+def exit_code(exc: BaseException) -> int:
+    if isinstance(exc, ValueError):
+        return EXIT_USAGE
+    if isinstance(exc, RunError):
+        return exc.exit_code
+    return EXIT_OS if isinstance(exc, OSError) else 1

@@ -51,7 +51,7 @@ def perplexity(model, blocks, batch: int, max_batches: int) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     from ds_upcycle.config import DataConfig
-    from ds_upcycle.data import load_blocks
+    from ds_upcycle.data import expand_paths, load_blocks
     from ds_upcycle.loading import load_tokenizer
 
     p = argparse.ArgumentParser(
@@ -72,7 +72,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--source", default=None, help="dense source folder for a checkpoint (default: the recorded one)")
     p.add_argument("--json", default=None, help="also write the result to this JSON file")
     args = p.parse_args(argv)
+    for flag, value, low in (
+        ("--seq-len", args.seq_len, 2),
+        ("--batch", args.batch, 1),
+        ("--max-batches", args.max_batches, 0),
+    ):
+        if value < low:
+            raise ValueError(f"{flag} ({value}) must be >= {low}")
+    expand_paths(args.data, "--data")
     model, tok_dir, kind = load_for_eval(args.model, args.source)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and args.seq_len > max_pos:
+        raise ValueError(f"--seq-len ({args.seq_len}) is above the model's max_position_embeddings ({max_pos})")
     tokenizer = load_tokenizer(tok_dir)
     cfg = DataConfig(seq_len=args.seq_len, text_field=args.text_field)
     blocks, _ = load_blocks(args.data, "--data", tokenizer, cfg, Path(args.model) / ".eval_cache", is_writer=False)

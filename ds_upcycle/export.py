@@ -25,6 +25,7 @@ import torch
 from ds_upcycle import checkpoint, mixtral
 from ds_upcycle.config import MoEConfig, moe_from_overrides, moe_overrides_help
 from ds_upcycle.loading import DTYPES, HF_DTYPE_NAMES, short_dtype_name
+from ds_upcycle.paths import check_disjoint, check_replaceable
 from ds_upcycle.safetensors_stream import TensorSpec, read_lazily, write_sharded
 
 MAX_SHARD_BYTES = 5 * 10**9
@@ -47,22 +48,13 @@ def _add_expert_copies(specs: dict, key_match, shape, load, num_experts: int, ro
 # --------------------------------------------------------------------------------------------
 
 
-def _looks_like_model(p: Path) -> bool:
-    return p.is_dir() and any(
-        (p / n).exists() for n in ("config.json", "model.safetensors", "model.safetensors.index.json")
-    )
-
-
-def prepare_output(out: Path, overwrite: bool) -> Path:
-    """A fresh temporary folder next to ``out``; :func:`commit_output` moves it into place."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output ({str(out)!r}) is a file; give a folder")
-    if _looks_like_model(out) and not overwrite:
-        raise ValueError(f"output ({str(out)!r}) already holds a model; choose another folder or pass --overwrite")
-    if out.is_dir() and any(out.iterdir()) and not _looks_like_model(out) and not overwrite:
-        raise ValueError(
-            f"output ({str(out)!r}) is a non-empty folder; choose an empty or new folder, or pass --overwrite"
-        )
+def prepare_output(out: Path, overwrite: bool, protected: dict[str, Path]) -> Path:
+    """A fresh temporary folder next to ``out``; :func:`commit_output` moves it into place. ``out``
+    must not overlap a ``protected`` input ({field: folder}), and is only ever replaced when it
+    holds an HF model folder and nothing else (ds_upcycle/paths.py)."""
+    for field, folder in protected.items():
+        check_disjoint(out, "output", folder, field, containing=True)
+    check_replaceable(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
 
@@ -80,11 +72,12 @@ def commit_output(tmp: Path, out: Path) -> None:
 
 def write_mixtral(
     specs: dict[str, TensorSpec], dense_cfg, moe: MoEConfig, src_dir: Path | None, out: Path, dtype: str,
-    overwrite: bool, max_shard_bytes: int, progress: str = "",
+    overwrite: bool, max_shard_bytes: int, progress: str = "", protected: dict[str, Path] | None = None,
 ) -> dict:  # fmt: skip
     """The one write path: check ``specs`` against the Mixtral contract, write the shards, config,
     tokenizer and generation config into a folder next to ``out``, and swap it in when complete.
-    ``progress``: the label of a progress bar over the bytes written (empty: no bar)."""
+    ``progress``: the label of a progress bar over the bytes written (empty: no bar).
+    ``protected``: {field: folder} inputs the output must not overlap."""
     from tqdm import tqdm
 
     plan = mixtral.check_against_contract(specs, dense_cfg, moe.num_experts)
@@ -92,7 +85,7 @@ def write_mixtral(
     config = mixtral.mixtral_config(dense_cfg, moe)
     config["dtype"] = HF_DTYPE_NAMES[out_dtype]
     total = sum(torch.Size(s.shape).numel() for s in plan) * torch.empty((), dtype=out_dtype).element_size()
-    tmp = prepare_output(out, overwrite)
+    tmp = prepare_output(out, overwrite, protected or {})
     try:
         with tqdm(total=total, unit="B", unit_scale=True, desc=progress, disable=not progress) as bar:
             write_sharded(plan, tmp, out_dtype, max_shard_bytes, progress=bar.update)
@@ -163,8 +156,10 @@ def export_checkpoint(
             continue
         name = mixtral.map_key(key)
         specs[name] = TensorSpec(name, shape, load)
+    run = folder.parent.parent if folder.parent.name == "checkpoints" else folder.parent
+    protected = {"the checkpoint's run folder": run, "the dense source model": src}
     report = write_mixtral(specs, dense_cfg, moe, src, Path(out), dtype or cfg.model.dtype, overwrite,
-                           max_shard_bytes, "export" if progress else "")  # fmt: skip
+                           max_shard_bytes, "export" if progress else "", protected)  # fmt: skip
     return {"checkpoint": str(folder), **report, "warnings": warnings}
 
 
@@ -210,7 +205,7 @@ def upcycle_offline(
         specs[key] = TensorSpec(key, shape, load)
     dtype = dtype or short_dtype_name(getattr(dense_cfg, "dtype", None))
     report = write_mixtral(specs, dense_cfg, moe, src, Path(out), dtype, overwrite, max_shard_bytes,
-                           "upcycle" if progress else "")  # fmt: skip
+                           "upcycle" if progress else "", {"the dense model": src})  # fmt: skip
     return {"source": str(src), **report}
 
 
@@ -238,7 +233,11 @@ def export_main(argv: list[str]) -> int:
         "--allow-inexact", action="store_true", help="export top-1 or token-dropping runs anyway (LOUDLY inexact)"
     )
     p.add_argument("--expand-dense-layers", action="store_true", help="write dense layers as identical experts (exact)")
-    p.add_argument("--overwrite", action="store_true", help="replace a model already in out_dir")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a model folder in out_dir (never a folder holding anything else)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = p.parse_args(argv)
     report = export_checkpoint(
@@ -263,7 +262,11 @@ def upcycle_main(argv: list[str]) -> int:
     p.add_argument("dense_dir", help="dense HF checkpoint folder (safetensors)")
     p.add_argument("out_dir", help="the HF Mixtral folder to write (written atomically)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: the source's)")
-    p.add_argument("--overwrite", action="store_true", help="replace a model already in out_dir")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a model folder in out_dir (never a folder holding anything else)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument_group("MoE settings", moe_overrides_help())
     args, overrides = p.parse_known_args(argv)

@@ -21,12 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _HOST_LINE = re.compile(r"^\s*(\S+)\s+slots=(\d+)\s*$")
+MAX_SLOTS = 1024
+"""Ranks per host, at most: far beyond any machine; catches typos before they exhaust memory."""
 
 
 def read_hostfile(path: str | Path) -> dict[str, int]:
     """Parse a DeepSpeed hostfile (``host slots=N`` lines, ``#`` comments), or raise ValueError
     naming the file, the line and the fix."""
     p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"hostfile ({str(path)!r}) is a folder; give a file of 'HOST slots=N' lines (see hostfiles/)")
     if not p.is_file():
         raise ValueError(f"hostfile ({str(path)!r}) does not exist; see hostfiles/ for examples")
     hosts: dict[str, int] = {}
@@ -37,6 +41,8 @@ def read_hostfile(path: str | Path) -> dict[str, int]:
         m = _HOST_LINE.match(line)
         if not m or int(m.group(2)) < 1:
             raise ValueError(f"hostfile {str(path)!r} line {n} ({raw.strip()!r}) must be 'HOST slots=N' with N >= 1")
+        if int(m.group(2)) > MAX_SLOTS:
+            raise ValueError(f"hostfile {str(path)!r} line {n} ({raw.strip()!r}) has more than {MAX_SLOTS} slots")
         if m.group(1) in hosts:
             raise ValueError(f"hostfile {str(path)!r} line {n} repeats host {m.group(1)!r}; list each host once")
         hosts[m.group(1)] = int(m.group(2))
@@ -51,6 +57,8 @@ def is_local(hosts: dict[str, int]) -> bool:
 
 def world_size(num_gpus: int | None, hostfile: str | Path | None) -> int:
     """The number of ranks a launch will start: a multi-host hostfile's slots, else num_gpus (1)."""
+    if num_gpus is not None and not 1 <= num_gpus <= MAX_SLOTS:
+        raise ValueError(f"--num-gpus ({num_gpus}) must be between 1 and {MAX_SLOTS}")
     if hostfile is not None:
         hosts = read_hostfile(hostfile)
         if not (num_gpus and is_local(hosts)):
@@ -86,8 +94,8 @@ def launcher_cmd(
     else:
         cmd += ["--no_ssh_check", "--master_addr", "127.0.0.1"]
     if num_gpus is not None:
-        if num_gpus < 1:
-            raise ValueError(f"--num_gpus ({num_gpus}) must be >= 1")
+        if not 1 <= num_gpus <= MAX_SLOTS:
+            raise ValueError(f"--num-gpus ({num_gpus}) must be between 1 and {MAX_SLOTS}")
         cmd += ["--num_gpus", str(num_gpus)]
     if master_port is not None:
         cmd += ["--master_port", str(master_port)]
@@ -137,6 +145,8 @@ class TrainingRun:
     stderr: str = ""
     summary: dict | None = None
     """The run's summary.json (None when the run failed)."""
+    failure: dict | None = None
+    """The earliest failure record a rank left (ds_upcycle.errors.first_failure), when it failed."""
 
     @property
     def output(self) -> str:
@@ -152,12 +162,16 @@ def run_training(
 
     ValueError (before any process starts) for a bad config, hostfile or layout.
     """
+    import shutil
+
     from ds_upcycle.config import load_run_config, resolve_config
+    from ds_upcycle.errors import FAILURES, first_failure
     from ds_upcycle.preflight import validate
 
     path = resolve_config(config).resolve()
     cfg = load_run_config(path, overrides)
     validate(cfg, world_size(num_gpus, hostfile))
+    shutil.rmtree(Path(cwd or ".") / cfg.train.output_dir / FAILURES, ignore_errors=True)  # an earlier launch's
     proc = launch_module(
         "ds_upcycle.train", [str(path), *overrides], num_gpus=num_gpus, hostfile=hostfile, master_port=master_port,
         env=env, capture_output=capture, text=True, timeout=timeout, cwd=cwd,
@@ -165,4 +179,5 @@ def run_training(
     out = Path(cwd or ".") / cfg.train.output_dir
     summary_file = out / "summary.json"
     summary = json.loads(summary_file.read_text()) if proc.returncode == 0 and summary_file.is_file() else None
-    return TrainingRun(proc.returncode, out, proc.stdout or "", proc.stderr or "", summary)
+    failure = first_failure(out) if proc.returncode != 0 else None
+    return TrainingRun(proc.returncode, out, proc.stdout or "", proc.stderr or "", summary, failure)

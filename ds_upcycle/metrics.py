@@ -161,19 +161,24 @@ def peak_memory_gib(device: torch.device) -> float:
 # --------------------------------------------------------------------------------------------
 
 
+def wandb_logged_in() -> bool:
+    """An API key is configured (the environment, or the netrc `wandb login` writes)."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
 def wandb_mode(setting: str) -> str:
     """ "auto" -> online when an API key is configured (env or netrc), else offline."""
     if setting != "auto":
         return setting
     if os.environ.get("WANDB_MODE"):
         return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return "online" if "api.wandb.ai" in netrc.read_text() else "offline"
-    except OSError:
-        return "offline"
+    return "online" if wandb_logged_in() else "offline"
 
 
 class RunLogger:
@@ -241,10 +246,15 @@ class RunLogger:
 
 
 def _run_id(out_dir: Path) -> str:
-    """A stable W&B run id per output folder, so a resumed run continues the same W&B run."""
-    import hashlib
+    """The W&B run id of this run folder, made at its first start and kept in the folder: a resumed
+    run continues the same W&B run, a new run in the folder (train.overwrite moves the old one
+    aside, id file included) starts a new one."""
+    import uuid
 
-    return hashlib.sha1(str(out_dir.resolve()).encode()).hexdigest()[:12]
+    path = out_dir / "wandb_run_id"
+    if not path.is_file():
+        path.write_text(uuid.uuid4().hex[:12])
+    return path.read_text().strip()
 
 
 def heatmap_png(matrix: torch.Tensor, layers: list[int], path: Path, title: str) -> Path:

@@ -16,7 +16,6 @@ import argparse
 import dataclasses
 import json
 from dataclasses import dataclass
-from pathlib import Path
 
 from ds_upcycle.config import MoEConfig, moe_from_overrides, moe_overrides_help
 
@@ -269,17 +268,13 @@ def main(argv: list[str]) -> int:
     p.add_argument_group("MoE settings", moe_overrides_help())
     args, overrides = p.parse_known_args(argv)
 
-    from transformers import AutoConfig
-
-    from ds_upcycle.loading import load_hf_config
+    from ds_upcycle.loading import check_sizes, load_hf_config
 
     moe = moe_from_overrides(overrides)
-    src = Path(args.model)
-    if src.is_file():
-        hf = AutoConfig.for_model(**json.loads(src.read_text()))
-    else:
-        hf = load_hf_config(args.model, field="model")
-    plan = make_plan(hf, moe, args.world_size or moe.ep_size, args.seq_len, args.dtype)
+    hf = load_hf_config(args.model, field="model")
+    check_sizes(hf, "model")
+    world = args.world_size if args.world_size is not None else moe.ep_size
+    plan = make_plan(hf, moe, world, args.seq_len, args.dtype)
     if args.micro_batch < 1:
         raise ValueError(f"--micro-batch ({args.micro_batch}) must be >= 1")
     d = plan.to_dict(args.zero_stage, args.micro_batch, not args.no_activation_checkpointing)

@@ -33,7 +33,7 @@ from ds_upcycle import checkpoint
 from ds_upcycle.config import RunConfig, load_run_config
 from ds_upcycle.distributed import all_mean, any_rank, rank0_first
 from ds_upcycle.errors import NonFiniteError, run_guarded
-from ds_upcycle.preflight import Derived, validate
+from ds_upcycle.preflight import Derived, holds_run, move_aside, validate
 
 log = logging.getLogger("ds_upcycle")
 
@@ -193,6 +193,8 @@ def build(cfg: RunConfig) -> Trainer:
     device = torch.device(deepspeed.get_accelerator().current_device_name())
     out = Path(cfg.train.output_dir)
     if rank == 0:
+        if cfg.train.overwrite and not cfg.train.resume and holds_run(out):
+            log.info("moved the earlier run in %s aside to %s (train.overwrite)", out, move_aside(out))
         out.mkdir(parents=True, exist_ok=True)
         checkpoint.atomic_write_text(out / "config.json", json.dumps(cfg.to_dict(), indent=2))
     torch.manual_seed(cfg.train.seed)
@@ -494,10 +496,18 @@ def _setup_logging() -> None:
 
 
 def _worker(argv: list[str]) -> int:
+    import os
+
     from ds_upcycle.distributed import shutdown_distributed
+    from ds_upcycle.errors import record_failure
 
     _setup_logging()
-    run(load_run_config(argv[0], argv[1:]))
+    cfg = load_run_config(argv[0], argv[1:])
+    try:
+        run(cfg)
+    except BaseException as e:
+        record_failure(Path(cfg.train.output_dir), int(os.environ.get("RANK", "0")), e)
+        raise
     shutdown_distributed()
     return 0
 
@@ -542,12 +552,27 @@ def main(argv: list[str] | None = None) -> int:
         args.config, overrides, num_gpus=args.num_gpus, hostfile=args.hostfile, master_port=args.master_port
     )
     if result.returncode != 0:
-        print(
-            f"error: the training job failed (exit {result.returncode}); the launcher's last lines above name the "
-            "rank (--local_rank=N) that exited first. Complete checkpoints are kept; resume with --train.resume=true",
-            file=sys.stderr,
-        )
+        print(f"error: {failure_message(result)}", file=sys.stderr)
     return result.returncode
+
+
+def failure_message(result) -> str:
+    """The front end's last line for a failed run: the rank that failed first and its own message,
+    and the way on (resume only when there is a checkpoint and the cause was not the config)."""
+    failure = result.failure
+    latest = checkpoint.latest_tag(result.output_dir / "checkpoints")
+    if failure is None:
+        what = (
+            f"the training job failed (exit {result.returncode}) and no rank recorded an error: a rank was killed or "
+            "lost (the launcher's lines above name it: '--local_rank=N ... exits with return code')"
+        )
+    else:
+        what = f"rank {failure['rank']} on {failure['host']} failed first: {failure['message']}"
+    if failure is not None and failure["user_error"]:
+        return what + ". Fix the configuration and start again"
+    if latest:
+        return what + f". Complete checkpoints are kept (latest: {latest}); resume with --train.resume=true"
+    return what + ". No complete checkpoint was written yet; start again once the cause is fixed"
 
 
 if __name__ == "__main__":

@@ -114,6 +114,10 @@ def test_nan_stops_keeps_the_last_good_checkpoint_and_leaks_nothing(tiny_setup, 
         "loss is NaN/Inf at step 5 (micro-batch 0); stopped without saving (last complete checkpoint: step_00000004)"
         in text
     )
+    from ds_upcycle.train import failure_message
+
+    assert proc.failure["type"] == "NonFiniteError" and proc.failure["rank"] in (0, 1)
+    assert re.match(r"rank [01] on .* failed first: loss is NaN/Inf at step 5", failure_message(proc))
     assert (out / "checkpoints" / "latest_complete").read_text() == "step_00000004"
     assert not (out / "checkpoints" / "step_00000006").exists()
     assert "router collapse: max/mean expert load" in text
@@ -158,3 +162,21 @@ def test_conflicting_launcher_flags(tmp_path):
         launcher_cmd("ds_upcycle.train", [], num_gpus=4, hostfile=ROOT / "hostfiles" / "two_nodes.example")
     with pytest.raises(ValueError, match=r"hostfile \('.*missing'\) does not exist"):
         launcher_cmd("ds_upcycle.train", [], hostfile=tmp_path / "missing")
+
+
+@pytest.mark.slow
+def test_a_save_never_writes_into_a_complete_checkpoint(reference_run, tiny_setup, tmp_path):
+    """A save cut off between its manifest and the latest pointer leaves step 20 complete while
+    latest_complete says step 10. Resuming re-trains to step 20: the complete folder is moved aside
+    untouched, never written into, and the new one verifies."""
+    run = tmp_path / "run"
+    shutil.copytree(reference_run, run)
+    root = run / "checkpoints"
+    old = {p.name: p.read_bytes() for p in (root / "step_00000020").iterdir()}
+    (root / "latest_complete").write_text("step_00000010")
+    proc = _run(tiny_setup, run, **{"train.steps": REFERENCE_STEPS, "train.save_every": 10, "train.resume": True})
+    assert proc.returncode == 0, proc.output[-3000:]
+    (aside,) = root.glob("step_00000020.superseded-*")
+    assert {p.name: p.read_bytes() for p in aside.iterdir()} == old
+    assert (root / "latest_complete").read_text() == "step_00000020"
+    checkpoint.verify(root / "step_00000020")

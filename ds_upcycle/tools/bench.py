@@ -273,7 +273,7 @@ def _bench_overrides(b: StepBench, model: Path, setup: dict, work: Path, out: Pa
         "data.train": [setup["train"]], "data.eval": [setup["eval"]], "data.seq_len": b.seq_len,
         "data.eval_batches": 1, "data.cache_dir": str(work / "cache"),
         "train.steps": b.steps, "train.warmup_steps": 1, "train.min_lr": 0.0, "train.save_every": 0,
-        "train.save_final": False, "train.output_dir": str(out), "log.wandb": "disabled", "log.heatmap_every": 0,
+        "train.save_final": False, "train.overwrite": True, "train.output_dir": str(out), "log.wandb": "disabled", "log.heatmap_every": 0,
         "log.eval_every": 0, "ds.train_micro_batch_size_per_gpu": b.micro, "ds.gradient_accumulation_steps": b.accum,
         **b.extra,
     })  # fmt: skip

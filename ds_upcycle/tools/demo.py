@@ -271,14 +271,36 @@ MARKER = ".ds_upcycle_demo"
 """Marks a folder as a demo's own, finished or not: the next demo run may replace it."""
 
 
+def check_demo_folder(out: Path) -> None:
+    """--out is new, empty or an earlier demo's (which the run replaces); anything else is refused."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out ({str(out)!r}) is a file; give a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).exists():
+        raise ValueError(f"--out ({str(out)!r}) holds files that are not a ds_upcycle demo; choose another folder")
+
+
 def fresh_output(out: Path) -> None:
-    """An empty run folder; an earlier demo's is replaced, anything else is refused."""
+    """An empty run folder in place of an earlier demo's (checked by check_demo_folder)."""
+    check_demo_folder(out)
     if out.exists():
-        if any(out.iterdir()) and not (out / MARKER).exists():
-            raise ValueError(f"--out ({str(out)!r}) holds files that are not a ds_upcycle demo; choose another folder")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     (out / MARKER).write_text("written by ds-upcycle demo; the next demo run replaces this folder\n")
+
+
+def check_moe_layers_flag(text: str | None, model_dir: Path) -> None:
+    """--moe-layers against the model, with an error that names the flag (not moe.moe_layers)."""
+    from ds_upcycle.config import MoEConfig, build_section, parse_overrides
+    from ds_upcycle.loading import load_hf_config
+
+    if text is None:
+        return
+    try:
+        (_, value), *_ = parse_overrides([f"--moe.moe_layers={text}"])
+        layers = build_section(MoEConfig, "moe", {"moe_layers": value})
+        layers.layer_indices(load_hf_config(model_dir).num_hidden_layers)
+    except ValueError as e:
+        raise ValueError(f"--moe-layers ({text!r}) is not a layer selection for this model: {e}") from None
 
 
 def run_settings(args, cache: Path, model_dir: Path) -> dict:
@@ -294,7 +316,7 @@ def run_settings(args, cache: Path, model_dir: Path) -> dict:
         "data.train": train_files, "data.eval": eval_files, "data.eval_fraction": 0.05,
         "data.seq_len": args.seq_len, "data.eval_batches": 4, "data.cache_dir": str(cache / "tokens"),
         "train.steps": steps, "train.warmup_steps": max(1, steps // 10), "train.min_lr": args.lr / 10,
-        "train.save_every": 0, "moe.ep_size": 2, "moe.moe_layers": args.moe_layers or ("all" if gpu else "every_2"),
+        "train.save_every": 0, "train.overwrite": True, "moe.ep_size": 2, "moe.moe_layers": args.moe_layers or ("all" if gpu else "every_2"),
         "log.wandb": args.wandb, "log.every": 1, "log.heatmap_every": 0, "log.group": "demo",
         "log.sample_prompt": PROMPT, "log.sample_tokens": 20,
         "ds.train_micro_batch_size_per_gpu": args.micro_batch, "ds.gradient_accumulation_steps": 1,
@@ -376,10 +398,11 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     cache = Path(args.cache or os.environ.get("DS_UPCYCLE_CACHE", Path.home() / ".cache" / "ds_upcycle"))
     cache.mkdir(parents=True, exist_ok=True)
-    fresh_output(out)
+    check_demo_folder(out)
     world = args.gpus or 2
     base = "gpu_zero2_bf16_ep2" if args.gpus else "cpu_debug_zero2_ep2"  # shipped configs, by name
     model_dir = Path(args.model) if args.model else smollm2_checkpoint(cache, args.layers)
+    check_moe_layers_flag(args.moe_layers, model_dir)
     common = run_settings(args, cache, model_dir)
 
     def overrides(run: str, **extra) -> list[str]:
@@ -387,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_run_config(base, overrides("moe"))
     validate(cfg, world)
+    fresh_output(out)  # only now: a refused run leaves an earlier demo in place
 
     # 3. The dense reference, in one process, on the very blocks the trainer evaluates.
     blocks, tok = heldout_blocks(cfg, world)
