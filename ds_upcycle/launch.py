@@ -277,7 +277,7 @@ def rank_records(out_dir: str | Path) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 SSH_CONNECT_TIMEOUT_S = 10
-STRAGGLER_GRACE_S = 5.0
+STRAGGLER_GRACE_S = 3.0
 """After one host's launcher fails, how long the other hosts get to end by themselves (their ranks
 see the broken connections within seconds) before the front end stops what is left of the run. A
 stopped or hung rank never ends, and pdsh would wait for it forever."""

@@ -53,6 +53,7 @@ def cluster(tmp_path_factory):
         pid = c.sshd_pid()
     assert not c.folder.exists() and not psutil.pid_exists(pid)  # keys, configs and sshd are gone
     assert _snapshot(Path.home() / ".ssh") == user_ssh  # ~/.ssh was never touched
+    assert not [f for f in Path("/dev/shm").glob("deepspeed_*") if f"_{LAUNCH_PORT}_" in f.name]
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
@@ -234,16 +235,16 @@ def test_two_hosts_train_fail_resume_and_export(cluster, tiny_setup, reference_r
     job = _front_end(cluster, tiny_setup, out, log, env=env, **{
         "train.resume": True, "train.stop_after": kept_after_hang + 2, "log.notes": HOSTILE, "log.name": HOSTILE,
         "log.wandb": "offline",
-        "debug.report_env": ["WANDB_MODE", "OMP_NUM_THREADS", "SSH_CONNECTION"]})  # fmt: skip
+        "debug.report_env": ["WANDB_MODE", "OMP_NUM_THREADS", "SSH_CONNECTION", "PYTHONPATH"]})  # fmt: skip
     with _stopped_on_failure(job):
         assert job.wait(timeout=600) == 0, log.read_text()[-4000:]
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["ds_upcycle"]["log"]["notes"] == HOSTILE and resolved["ds_upcycle"]["log"]["name"] == HOSTILE
     assert read_launch_file(out / LAUNCH_FILE)[0].to_dict() == resolved
     rank1 = _rank(out, 1)
-    assert rank1["env"] == {"WANDB_MODE": "offline", "OMP_NUM_THREADS": "1",
-                            "SSH_CONNECTION": rank1["env"]["SSH_CONNECTION"]}  # fmt: skip
+    assert rank1["env"]["WANDB_MODE"] == "offline" and rank1["env"]["OMP_NUM_THREADS"] == "1"
     assert rank1["env"]["SSH_CONNECTION"].split()[2] == SECOND and rank1["threads"] == 1
+    assert str(ROOT) in rank1["env"]["PYTHONPATH"].split(os.pathsep)  # the runner prepends the working directory
     assert {r["config_sha256"] for r in rank_records(out)} == {config_digest(load_run_config(out / "config.json"))}
     from wandb_records import find_run_file, read_config
 
