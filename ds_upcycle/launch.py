@@ -190,7 +190,7 @@ ranks of every host (the first one too) in that host's login environment plus wh
 runner exports: names starting with PYTHON, MLFLOW, MV2 or UCX, the accelerator's (NCCL on GPUs),
 and the lines of ``.deepspeed_env`` in ``~`` or the working directory (runner.py, EXPORT_ENVS and
 DEEPSPEED_ENVIRONMENT_PATHS). Secrets (WANDB_API_KEY, HF_TOKEN) are never forwarded, because the
-launch file is written to the run folder: use ``wandb login`` on a shared home, or ``.deepspeed_env``."""
+launch file is written to the run folder: use ``wandb login`` on a shared home."""
 
 # DeepSpeed's pdsh runner `cd`s into the working directory unquoted and re-quotes only arguments
 # with spaces (multinode_runner.py, PDSHRunner): any other character a shell interprets would be
