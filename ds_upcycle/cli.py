@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("ds_upcycle.tools.bench:main", "benchmarks: speed and memory, as a Markdown table and JSON"),
     "make-tiny": ("ds_upcycle.tools.tiny:main", "write a tiny Llama checkpoint and corpus for the CPU debug config"),
     "demo": ("ds_upcycle.tools.demo:main", "the main job on the embedded default"),
+    "two-hosts": ("ds_upcycle.tools.two_hosts:main", "two ssh hosts on this machine (loopback) to try multi-node runs"),
 }
 
 USAGE = """usage: ds-upcycle <command> [options]

@@ -304,6 +304,9 @@ class DebugConfig:
     """Make the loss NaN at this 0-based step (tests the non-finite guard). -1 disables."""
     inject_crash_in_save_at_step: int = -1
     """Kill rank 0 midway through the save at this step (tests atomic saves). -1 disables."""
+    report_env: list[str] = field(default_factory=list)
+    """Environment variables each rank records in <output_dir>/ranks/ (tests: what reached the
+    ranks of remote hosts). Never list secrets."""
 
 
 SECTIONS: dict[str, type] = {
@@ -361,7 +364,13 @@ def _check_type(name: str, value: Any, tp: Any) -> Any:
     if origin is list:
         (item,) = typing.get_args(tp)
         if not isinstance(value, list):
-            raise ValueError(f"{name} ({value!r}) must be a list of {_type_name(item)}")
+            hint = ""
+            if isinstance(value, str) and value.startswith("["):
+                hint = (
+                    "; its quotes look lost, e.g. to the remote shell of a multi-host `deepspeed` launch: put the "
+                    "list in the config file, or start the run with `ds-upcycle train`, which passes it in a file"
+                )
+            raise ValueError(f"{name} ({value!r}) must be a list of {_type_name(item)}{hint}")
         return [_check_type(f"{name}[{i}]", v, item) for i, v in enumerate(value)]
     if origin is Literal:
         _one_of(name, value, typing.get_args(tp))

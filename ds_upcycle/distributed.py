@@ -39,6 +39,26 @@ def init_distributed(timeout_s: float = 300.0) -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
+def bound_all_groups(timeout_s: float) -> int:
+    """Give every process group of this rank the collective timeout; returns how many it set.
+
+    Call it once the engine exists. DeepSpeed creates its expert-parallel and expert-data-parallel
+    groups with ``new_group(ranks)`` and no timeout (deepspeed/utils/groups.py,
+    deepspeed/comm/torch.py ``new_group``), so torch gives them its 30-minute default
+    (distributed_c10d.py, ``_get_default_timeout``), not init_process_group's. A hung peer would
+    then stall an MoE all-to-all for 30 minutes instead of failing the job after ``timeout_s``.
+    """
+    if not dist.is_initialized():
+        return 0
+    from torch.distributed import distributed_c10d as c10d
+
+    timeout = datetime.timedelta(seconds=timeout_s)
+    groups = [pg for pg in list(c10d._world.pg_map) if not c10d._rank_not_in_group(pg)]
+    for pg in groups:
+        c10d._set_pg_timeout(timeout, pg)
+    return len(groups)
+
+
 def strip_local_rank(argv: list[str]) -> list[str]:
     """The deepspeed launcher appends ``--local_rank=N``; the rank comes from LOCAL_RANK instead."""
     out, skip = [], False

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import socket
 import sys
 import time
@@ -88,16 +89,27 @@ def record_failure(out_dir: Path, rank: int, exc: BaseException) -> None:
         pass
 
 
+LOST_PEER = re.compile(
+    r"Connection closed by peer|Connection reset|Broken pipe|timed? ?out|remote process exited|communicator was aborted",
+    re.IGNORECASE,
+)
+"""What a rank raises when a peer died or hung: a consequence, never the cause."""
+
+
 def first_failure(out_dir: Path) -> dict | None:
-    """The earliest failure record of a run (the rank that failed first, not a peer that then lost
-    its connection to it), or None."""
+    """The failure record that explains a run's end: the earliest rank that failed for its own
+    reason, not a peer that then lost its connection to it (those get ``lost_peer``: true, and are
+    returned only when no rank recorded a cause of its own), or None."""
     records = []
     for f in sorted((out_dir / FAILURES).glob("rank_*.json")):
         try:
             records.append(json.loads(f.read_text()))
         except (OSError, json.JSONDecodeError):
             continue
-    return min(records, key=lambda r: r["time"]) if records else None
+    for r in records:
+        r["lost_peer"] = bool(LOST_PEER.search(r["message"]))
+    causes = [r for r in records if not r["lost_peer"]] or records
+    return min(causes, key=lambda r: r["time"]) if causes else None
 
 
 def exit_code(exc: BaseException) -> int:

@@ -3,7 +3,8 @@
 Two entry points:
 
 - ``deepspeed [--hostfile F] [--num_gpus N] --module ds_upcycle.train CONFIG [--section.key=value ...]``
-  runs one rank of the job (this module's ``worker_main``).
+  runs one rank of the job (this module's ``worker_main``); ``... --module ds_upcycle.train
+  --launch-file=FILE`` reads the resolved config from a launch file instead (what the front end starts).
 - ``ds-upcycle train CONFIG [--hostfile F] [--num-gpus N] [overrides]`` validates the config
   first, then starts that launcher line for you (``main``).
 
@@ -182,7 +183,7 @@ def build(cfg: RunConfig) -> Trainer:
     """Process group, checks, data, model, engine and logger of one rank."""
     import deepspeed
 
-    from ds_upcycle.distributed import init_distributed
+    from ds_upcycle.distributed import bound_all_groups, init_distributed
     from ds_upcycle.loading import DTYPES
     from ds_upcycle.metrics import RouterAccumulator, RunLogger, peak_tflops, wandb_mode
     from ds_upcycle.moe import moe_blocks
@@ -202,6 +203,7 @@ def build(cfg: RunConfig) -> Trainer:
     model = load_model(cfg, derived).to(device)
     blocks = moe_blocks(model)
     engine, scheduler = make_engine(cfg, model, derived)
+    bound_all_groups(cfg.train.timeout_s)  # DeepSpeed's expert groups too, not only the world group
 
     plan = make_plan(derived.hf_config, cfg.moe, world, cfg.data.seq_len, cfg.model.dtype)
     zero_stage = (cfg.ds.get("zero_optimization") or {}).get("stage", 0)
@@ -495,14 +497,31 @@ def _setup_logging() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def _rank_config(argv: list[str]) -> RunConfig:
+    """``--launch-file=FILE`` (what `ds-upcycle train` starts: the resolved config and forwarded
+    environment in one file, since a multi-host launch passes arguments through a remote shell
+    that strips quotes) or ``CONFIG [overrides]`` (what users type)."""
+    from ds_upcycle.launch import apply_env, read_launch_file
+
+    if not argv[0].startswith("--launch-file="):
+        return load_run_config(argv[0], argv[1:])
+    if len(argv) > 1:
+        raise ValueError(f"--launch-file=FILE takes no overrides (got {argv[1]!r}); they are resolved into FILE")
+    cfg, env = read_launch_file(argv[0].split("=", 1)[1])
+    apply_env(env)
+    return cfg
+
+
 def _worker(argv: list[str]) -> int:
     import os
 
     from ds_upcycle.distributed import shutdown_distributed
     from ds_upcycle.errors import record_failure
+    from ds_upcycle.launch import record_rank
 
     _setup_logging()
-    cfg = load_run_config(argv[0], argv[1:])
+    cfg = _rank_config(argv)
+    record_rank(cfg)
     try:
         run(cfg)
     except BaseException as e:
@@ -532,7 +551,8 @@ def build_parser() -> argparse.ArgumentParser:
         "of a shipped config (`ds-upcycle configs` lists them). Extra --section.key=value arguments "
         "override the file (sections: model, moe, data, train, log, debug; --ds.KEY.PATH=V edits the "
         "DeepSpeed part).",
-        epilog="example: ds-upcycle train cpu_debug_zero2_ep2 --num-gpus 2 --train.steps=20",
+        epilog="examples: ds-upcycle train cpu_debug_zero2_ep2 --num-gpus 2 --train.steps=20; across hosts: "
+        "ds-upcycle train CONFIG --hostfile hostfiles/two_nodes.example --master-addr node-1 (README, Multiple nodes)",
     )
     p.add_argument("config", help="a run config file, or a shipped config's name (e.g. cpu_debug_zero2_ep2)")
     p.add_argument(
@@ -540,17 +560,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile (see hostfiles/); world size = its slots")
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: the launcher's 29500)")
+    p.add_argument(
+        "--master-addr", default=None,
+        help="address of the first host that every host can reach (multi-host hostfiles; without it DeepSpeed "
+        "asks the first host for `hostname -I`)",
+    )  # fmt: skip
+    p.add_argument("--ssh-port", type=int, default=None, help="ssh port of the hosts (multi-host; default: ssh's)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    """ds-upcycle train CONFIG [--num-gpus N | --hostfile F] [--section.key=value ...]"""
+    """ds-upcycle train CONFIG [--num-gpus N | --hostfile F [--master-addr A] [--ssh-port P]] [--section.key=value ...]"""
     from ds_upcycle.launch import run_training
 
     args, overrides = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
     result = run_training(
-        args.config, overrides, num_gpus=args.num_gpus, hostfile=args.hostfile, master_port=args.master_port
-    )
+        args.config, overrides, num_gpus=args.num_gpus, hostfile=args.hostfile, master_port=args.master_port,
+        master_addr=args.master_addr, ssh_port=args.ssh_port,
+    )  # fmt: skip
     if result.returncode != 0:
         print(f"error: {failure_message(result)}", file=sys.stderr)
     return result.returncode
@@ -561,10 +588,13 @@ def failure_message(result) -> str:
     and the way on (resume only when there is a checkpoint and the cause was not the config)."""
     failure = result.failure
     latest = checkpoint.latest_tag(result.output_dir / "checkpoints")
-    if failure is None:
+    if result.note:  # multi-host: the supervisor saw which host failed first
+        what = f"the training job failed (exit {result.returncode}): {result.note.strip().removeprefix('ds-upcycle: ')}"
+    elif failure is None or failure["lost_peer"]:
+        lost = f" (rank {failure['rank']} then lost its peer: {failure['message'][:200]})" if failure else ""
         what = (
-            f"the training job failed (exit {result.returncode}) and no rank recorded an error: a rank was killed or "
-            "lost (the launcher's lines above name it: '--local_rank=N ... exits with return code')"
+            f"the training job failed (exit {result.returncode}): a rank was killed or hung without an error of its "
+            f"own{lost}; the launcher's lines above name it ('--local_rank=N ... exits with return code')"
         )
     else:
         what = f"rank {failure['rank']} on {failure['host']} failed first: {failure['message']}"
