@@ -195,7 +195,11 @@ def workspace_for(out: Path, group: str, runs: dict[str, Path]) -> str:
     cfgs = [run_config_from_dict(json.loads((run / "config.json").read_text())) for run in runs.values()]
     depth = load_hf_config(cfgs[0].model.path).num_hidden_layers
     layers = sorted({i for c in cfgs for i in c.moe.layer_indices(depth)})
-    workspace = build_workspace(group, layers, max(c.moe.num_experts for c in cfgs), cfgs[0].log.project)
+    health = [c.log.health_every for c in cfgs if c.log.health_every]
+    workspace = build_workspace(
+        group, layers, max(c.moe.num_experts for c in cfgs), cfgs[0].log.project, health=bool(health),
+        margin=any(c.log.health_every and c.train.steps >= c.log.health_every for c in cfgs),
+    )  # fmt: skip
     logged = {k for run in runs.values() for row in read_metrics(run) for k in row}
     from ds_upcycle.metrics import wandb_mode
 

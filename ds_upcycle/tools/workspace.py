@@ -14,26 +14,31 @@ import os
 from pathlib import Path
 
 
-def workspace_keys(layers: list[int], num_experts: int) -> dict[str, list[list[str]]]:
-    """{section: [one panel's y keys, ...]} for MoE layers ``layers`` and up to ``num_experts`` experts."""
-    per_layer = {f"layer {layer:02d}": f"router/layer_{layer:02d}" for layer in layers}
+def workspace_keys(layers: list[int], num_experts: int, health: bool = True, margin: bool = True) -> dict:
+    """{section: [one panel's y keys, ...]} for MoE layers ``layers`` and up to ``num_experts``
+    experts. ``health``: some run measures upcycling health (log.health_every > 0); ``margin``: one
+    does so after a training step (the router margin needs training forwards)."""
+    health_panels = [
+        ["health/dense_sim_mean", "health/dense_sim_min"],
+        ["health/expert_sim_mean"],
+        [f"health/layer_{layer:02d}/dense_sim_mean" for layer in layers],
+        *([["health/router_margin"]] if margin else []),
+    ]
     return {
         "Loss": [["loss/lm"], ["eval/loss"], ["loss/aux"]],
-        "Upcycling health": [
-            ["health/dense_sim_mean", "health/dense_sim_min"],
-            ["health/expert_sim_mean"],
-            ["health/router_margin"],
-            [f"health/layer_{layer:02d}/dense_sim_mean" for layer in layers],
-        ],
+        **({"Upcycling health": health_panels} if health else {}),
         "Router load per layer": [
-            [f"{prefix}/expert_{e:02d}" for e in range(num_experts)] for prefix in per_layer.values()
+            [f"router/layer_{layer:02d}/expert_{e:02d}" for e in range(num_experts)] for layer in layers
         ],
         "Router balance": [["router/max_over_mean_worst"], ["router/entropy_mean"], ["router/dead_frac_mean"]],
         "Throughput": [["throughput/tokens_per_s"], ["throughput/mfu"], ["memory/peak_gib"]],
     }
 
 
-def build_workspace(group: str, layers: list[int], num_experts: int, project: str = "ds_upcycle", entity: str = ""):
+def build_workspace(
+    group: str, layers: list[int], num_experts: int, project: str = "ds_upcycle", entity: str = "",
+    health: bool = True, margin: bool = True,
+):  # fmt: skip
     """A ``wandb_workspaces.workspaces.Workspace`` over the runs of W&B group ``group``."""
     import wandb_workspaces.reports.v2 as wr
     import wandb_workspaces.workspaces as ws
@@ -41,7 +46,7 @@ def build_workspace(group: str, layers: list[int], num_experts: int, project: st
 
     sections = [
         ws.Section(name=name, is_open=True, panels=[wr.LinePlot(title=_title(keys), y=keys) for keys in panels])
-        for name, panels in workspace_keys(layers, num_experts).items()
+        for name, panels in workspace_keys(layers, num_experts, health, margin).items()
     ]
     return ws.Workspace(
         entity=entity or os.environ.get("WANDB_ENTITY", ""),
