@@ -42,6 +42,8 @@ COLUMNS = [
     ("expert_sim", "expert-expert sim"),
     ("router_margin", "router margin"),
 ]
+PRECISE = {"dense_sim", "expert_sim", "router_margin"}
+"""Columns shown to 6 decimals: similarities move in the 4th decimal over a short run."""
 
 
 def flatten(d: dict, prefix: str = "") -> dict:
@@ -61,11 +63,11 @@ def config_diff(base: dict, other: dict) -> dict:
     return {k: [a.get(k), b.get(k)] for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
-def _fmt(v) -> str:
+def _fmt(v, precise: bool = False) -> str:
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.4f}" if abs(v) < 100 else f"{v:,.0f}"
+        return f"{v:.6f}" if precise else f"{v:.4f}" if abs(v) < 100 else f"{v:,.0f}"
     return "" if v is None else str(v)
 
 
@@ -120,7 +122,7 @@ def mark_noise(rows: list[dict], noise: float | None) -> None:
 def write_table(rows: list[dict], out: Path, noise: float | None = None, train_noise: float | None = None) -> str:
     header = "| " + " | ".join(title for _, title in COLUMNS) + " |"
     lines = [header, "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r.get(k)) for k, _ in COLUMNS) + " |" for r in rows]
+    lines += ["| " + " | ".join(_fmt(r.get(k), k in PRECISE) for k, _ in COLUMNS) + " |" for r in rows]
     lines += ["", noise_note(rows, noise, train_noise)]
     md = "\n".join(lines) + "\n"
     (out / "ablation.md").write_text(md)
@@ -155,22 +157,49 @@ def noise_note(rows: list[dict], noise: float | None, train_noise: float | None)
 # --------------------------------------------------------------------------------------------
 
 
-def plot_series(runs: dict[str, Path], key: str, ylabel: str, title: str, path: Path) -> Path:
-    """One line per run of ``key`` over steps (replicates dashed)."""
+def _lines(ax, runs: dict[str, Path], key: str, transform=lambda step, v: v) -> None:
+    for name, run in runs.items():
+        points = [(step, transform(step, v)) for step, v in series(read_metrics(run), key)]
+        if points:
+            ax.plot(*zip(*points, strict=True), "--" if "_seed" in name else "-", marker="o", ms=3, label=name)
+
+
+def _figure(ncols: int):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for name, run in runs.items():
-        points = series(read_metrics(run), key)
-        if points:
-            ax.plot(*zip(*points, strict=True), "--" if "_seed" in name else "-", marker="o", ms=3, label=name)
-    ax.set_xlabel("step")
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    ax.legend(fontsize=8)
+    return plt, *plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
+
+
+def plot_heldout(runs: dict[str, Path], path: Path) -> Path:
+    """Held-out loss of every run over steps; right, the difference from the first run on a
+    symmetric-log axis, so small gaps stay visible next to large ones."""
+    plt, fig, axes = _figure(2)
+    _lines(axes[0, 0], runs, "eval/loss")
+    base = dict(series(read_metrics(next(iter(runs.values()))), "eval/loss"))
+    _lines(axes[0, 1], runs, "eval/loss", lambda step, v: v - base.get(step, float("nan")))
+    axes[0, 1].set_yscale("symlog", linthresh=1e-3)
+    axes[0, 0].set_ylabel("held-out loss (nats/token)")
+    axes[0, 1].set_ylabel(f"held-out loss - {next(iter(runs))}'s (symlog)")
+    return _save(plt, fig, axes, "Held-out loss", path)
+
+
+def plot_dense_similarity(runs: dict[str, Path], path: Path) -> Path:
+    """How far the experts moved from the dense MLP: 1 - mean cosine similarity, symmetric-log."""
+    plt, fig, axes = _figure(1)
+    _lines(axes[0, 0], runs, "health/dense_sim_mean", lambda step, v: 1.0 - v)
+    axes[0, 0].set_yscale("symlog", linthresh=1e-6)
+    axes[0, 0].set_ylabel("1 - mean expert-dense cosine similarity")
+    return _save(plt, fig, axes, "Expert-dense similarity (0 = experts are copies)", path)
+
+
+def _save(plt, fig, axes, title: str, path: Path) -> Path:
+    for ax in axes.flat:
+        ax.set_xlabel("step")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -233,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--replicates", type=int, default=0, help="rerun the first config under N other seeds to measure noise"
     )
     p.add_argument("--overwrite", action="store_true", help="replace run folders an earlier ablation left in --out")
+    p.add_argument(
+        "--report-only", action="store_true", help="train nothing: rebuild table, plots and workspace from --out's runs"
+    )
     return p
 
 
@@ -268,6 +300,13 @@ def plan_runs(args, overrides: list[str]) -> list[tuple[str, str, list[str], dic
     return plans
 
 
+def _finished_summary(run: Path) -> dict:
+    path = run / "summary.json"
+    if not path.is_file():
+        raise ValueError(f"--report-only: run {str(run)!r} has no summary.json; run the ablation first")
+    return json.loads(path.read_text())
+
+
 def fresh_runs(out: Path, names: list[str], overwrite: bool) -> None:
     """Empty run folders: a run folder holding an earlier run's metrics would be appended to (and its
     W&B run resumed), so it is replaced with --overwrite and refused otherwise."""
@@ -290,31 +329,34 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = build_parser().parse_known_args(argv)
     out = Path(args.out)
     plans = plan_runs(args, overrides)
-    fresh_runs(out, [name for _, name, _, _ in plans], args.overwrite)
+    if not args.report_only:
+        fresh_runs(out, [name for _, name, _, _ in plans], args.overwrite)
     rows, replicates, runs = [], [], {}
     for config, name, run_overrides, diff in plans:
-        print(f"[ablate] {name}: {config} (differs from {plans[0][1]} in {len(diff)} settings)", flush=True)
-        (out / name).mkdir(parents=True, exist_ok=True)
-        (out / name / "config_diff.json").write_text(json.dumps(diff, indent=2))
-        result = run_training(config, run_overrides, num_gpus=args.num_gpus, hostfile=args.hostfile,
-                              master_port=args.master_port)  # fmt: skip
-        if result.returncode != 0:
-            print(f"error: run {name} failed (exit {result.returncode}); see its output above", file=sys.stderr)
-            return result.returncode
+        if args.report_only:
+            summary = _finished_summary(out / name)
+        else:
+            print(f"[ablate] {name}: {config} (differs from {plans[0][1]} in {len(diff)} settings)", flush=True)
+            (out / name).mkdir(parents=True, exist_ok=True)
+            (out / name / "config_diff.json").write_text(json.dumps(diff, indent=2))
+            result = run_training(config, run_overrides, num_gpus=args.num_gpus, hostfile=args.hostfile,
+                                  master_port=args.master_port)  # fmt: skip
+            if result.returncode != 0:
+                print(f"error: run {name} failed (exit {result.returncode}); see its output above", file=sys.stderr)
+                return result.returncode
+            summary = result.summary
         runs[name] = out / name
-        row = run_row(name, out / name, result.summary)
+        row = run_row(name, out / name, summary)
         (replicates if name.startswith(f"{plans[0][1]}_seed") else rows).append(row)
     noise = seed_noise(rows, replicates)
     mark_noise(rows, noise)
     print(write_table(rows + replicates, out, noise, rows[0].get("train_loss_step_std")))
-    plots = [
-        plot_series(runs, "eval/loss", "held-out loss (nats/token)", "Held-out loss", out / "heldout_loss.png"),
-        plot_series(runs, "health/dense_sim_mean", "mean cosine similarity to the dense MLP",
-                    "Expert-dense similarity", out / "dense_similarity.png"),
-    ]  # fmt: skip
+    plots = [plot_heldout(runs, out / "heldout_loss.png"), plot_dense_similarity(runs, out / "dense_similarity.png")]
     print(f"[ablate] table: {out / 'ablation.md'} and {out / 'ablation.csv'}; plots: {', '.join(map(str, plots))}")
     print(f"[ablate] {workspace_for(out, args.name or out.name, runs)}")
     wall = time.time() - t0
+    if args.report_only:
+        return 0
     (out / "ablation.json").write_text(json.dumps({"rows": rows, "replicates": replicates, "seed_noise_std": noise,
                                                    "wall_s": wall}, indent=2))  # fmt: skip
     print(f"[ablate] done in {wall / 60:.1f} min")
