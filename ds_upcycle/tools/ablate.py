@@ -19,6 +19,7 @@ import argparse
 import csv
 import json
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -265,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--report-only", action="store_true", help="train nothing: rebuild table, plots and workspace from --out's runs"
     )
+    p.add_argument(
+        "--drop-checkpoints", action="store_true", help="delete each run's checkpoints once it has finished (disk)"
+    )
     return p
 
 
@@ -310,8 +314,6 @@ def _finished_summary(run: Path) -> dict:
 def fresh_runs(out: Path, names: list[str], overwrite: bool) -> None:
     """Empty run folders: a run folder holding an earlier run's metrics would be appended to (and its
     W&B run resumed), so it is replaced with --overwrite and refused otherwise."""
-    import shutil
-
     earlier = [out / n for n in names if (out / n / "metrics.jsonl").exists() or (out / n / "checkpoints").exists()]
     if earlier and not overwrite:
         raise ValueError(
@@ -345,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: run {name} failed (exit {result.returncode}); see its output above", file=sys.stderr)
                 return result.returncode
             summary = result.summary
+            if args.drop_checkpoints:
+                shutil.rmtree(out / name / "checkpoints", ignore_errors=True)
         runs[name] = out / name
         row = run_row(name, out / name, summary)
         (replicates if name.startswith(f"{plans[0][1]}_seed") else rows).append(row)

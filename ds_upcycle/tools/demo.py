@@ -306,8 +306,8 @@ def run_ablation(args, cache: Path) -> int:
     # One thread per rank on a 2-core machine: more only makes the ranks' OpenMP threads contend.
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
     port = ["--master-port", str(args.master_port)] if args.master_port else []
-    return ablate([*configs, "--out", out, "--num-gpus", "2", "--replicates", str(args.replicates), "--overwrite",
-                   *port, *to_overrides(settings)])  # fmt: skip
+    flags = ["--num-gpus", "2", "--replicates", str(args.replicates), "--overwrite", "--drop-checkpoints", *port]
+    return ablate([*configs, "--out", out, *flags, *to_overrides(settings)])
 
 
 MARKER = ".ds_upcycle_demo"
