@@ -11,6 +11,9 @@ its resolved-config difference from the first. Written into <out>:
   seed-to-seed spread of the held-out loss, against which the table marks each difference from
   the first config as within noise or not;
 - wandb_workspace.json: the group's W&B workspace (tools/workspace.py), saved to W&B when online.
+
+--report-only rebuilds these from the runs already in <out>; --drop-checkpoints deletes each run's
+checkpoints once it has finished (the table needs only its metrics).
 """
 
 from __future__ import annotations
