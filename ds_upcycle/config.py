@@ -29,8 +29,8 @@ from typing import Any, Literal, Union
 
 PROJECT_KEY = "ds_upcycle"
 
-ROUTER_INITS = ("normal", "zeros")
-EXPERT_INITS = ("copy", "noise")
+ROUTER_INITS = ("normal", "zeros", "uniform")
+EXPERT_INITS = ("copy", "noise", "drop")
 BALANCE_MODES = ("micro_batch", "global_batch")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 MAX_EXPERTS = 4096
@@ -57,10 +57,13 @@ class MoEConfig:
     """How each dense MLP becomes a Mixture-of-Experts layer (defaults follow arXiv 2412.09952)."""
 
     num_experts: int = 8
-    """Experts per MoE layer (global, across all expert-parallel ranks). Paper: 8."""
+    """Experts per MoE layer (global, across all expert-parallel ranks), as DeepSpeed and the exported
+    Mixtral see them: with granularity G, the fine-grained experts (num_experts / G copies of the
+    dense MLP, each split into G). Paper: 8."""
     top_k: int = 2
-    """Experts each token is routed to. 2 (recommended) renormalises the gates, so copies of the
-    dense MLP reproduce it exactly; 1 scales by the gate probability and is not function-preserving."""
+    """Experts each token is routed to (fine-grained ones with granularity G: top_k / G copies). 2
+    (recommended) renormalises the gates, so copies of the dense MLP reproduce it exactly; 1 scales by
+    the gate probability and is not function-preserving."""
     ep_size: int = 1
     """Expert-parallel group size: each rank holds num_experts / ep_size experts."""
     capacity_factor: float = 1.0
@@ -81,13 +84,27 @@ class MoEConfig:
     """Load-balancing statistics: "micro_batch" (DeepSpeed's, local tokens) or "global_batch"
     (expert fractions all-reduced over data-parallel ranks before the product)."""
     router_init: str = "normal"
-    """Router weight init: "normal" (N(0, router_init_std)) or "zeros" (uniform routing at step 0)."""
+    """Router weight init: "normal" (N(0, router_init_std)), "uniform" (centred uniform with the same
+    std, Drop-Upcycling's reference recipe) or "zeros" (uniform routing at step 0)."""
     router_init_std: float = 0.02
-    """Standard deviation of the "normal" router init."""
+    """Standard deviation of the "normal" and "uniform" router inits."""
     expert_init: str = "copy"
-    """Expert init: "copy" (exact copies of the dense MLP) or "noise" (copies plus N(0, expert_noise_std))."""
+    """Expert init: "copy" (exact copies of the dense MLP), "noise" (copies plus N(0, expert_noise_std))
+    or "drop" (Drop-Upcycling, arXiv 2502.19261: drop_ratio of each expert's neurons re-initialised)."""
     expert_noise_std: float = 1e-3
     """Std of the Gaussian noise added to each expert weight when expert_init is "noise"."""
+    drop_ratio: float = 0.5
+    """expert_init "drop": the share of each expert's intermediate neurons whose gate/up rows and down
+    columns are re-drawn from N(mean, std) of the dense matrix (per expert, seeded). Paper's best: 0.5."""
+    granularity: int = 1
+    """Granular upcycling (arXiv 2410.07524): each of the num_experts / G copies of the dense MLP is cut
+    into G experts of width intermediate / G, its router row repeated for its G segments and every
+    down projection scaled by G, so renormalised top_k routing (top_k / G copies) is exact at step 0.
+    num_experts and top_k must be multiples of G. 1: plain copies."""
+    freeze_router: bool = False
+    """Train with the router weights frozen at their init (they get no updates)."""
+    router_lr_scale: float = 1.0
+    """The router's learning rate as a multiple of the model's (schedule included)."""
     seed: int = 1234
     """Seed for the router and expert-noise init; the same on every rank, so every rank agrees."""
     moe_layers: str | list[int] = "all"
@@ -116,6 +133,7 @@ class MoEConfig:
         _positive("moe.router_init_std", self.router_init_std)
         _one_of("moe.expert_init", self.expert_init, EXPERT_INITS)
         _positive("moe.expert_noise_std", self.expert_noise_std)
+        self._check_recipes()
         if isinstance(self.moe_layers, str):
             if self.moe_layers != "all" and not _parse_every(self.moe_layers):
                 raise ValueError(
@@ -129,10 +147,51 @@ class MoEConfig:
         elif len(set(self.moe_layers)) != len(self.moe_layers):
             raise ValueError(f"moe.moe_layers ({self.moe_layers}) has duplicate indices")
 
+    def _check_recipes(self) -> None:
+        """Drop-Upcycling, granular upcycling and the router controls."""
+        if not 0 < self.drop_ratio <= 1:
+            raise ValueError(f"moe.drop_ratio ({self.drop_ratio}) must be in (0, 1] (paper: 0.5)")
+        _positive("moe.granularity", self.granularity)
+        g = self.granularity
+        for name, value in (("num_experts", self.num_experts), ("top_k", self.top_k)):
+            if value % g:
+                raise ValueError(
+                    f"moe.{name} ({value}) must be a multiple of moe.granularity ({g}): it counts the fine-grained "
+                    f"experts, G per copy of the dense MLP (e.g. {g * max(1, value // g)})"
+                )
+        if g > 1 and self.router_init == "zeros":
+            # Every copy would tie with every other: torch.topk (deepspeed/moe/sharded_moe.py
+            # topkgating) breaks ties in no fixed order, so top_k could take part of one copy and
+            # part of another, and step 0 would no longer be exact.
+            raise ValueError(
+                f"moe.router_init ('zeros') ties all {self.num_experts // g} copies when moe.granularity is {g}, and "
+                "top-k would split copies; use router_init 'normal' or 'uniform'"
+            )
+        _positive("moe.router_lr_scale", self.router_lr_scale)
+        if self.freeze_router and self.router_lr_scale != 1.0:
+            raise ValueError(
+                f"moe.router_lr_scale ({self.router_lr_scale}) has no effect with moe.freeze_router true; "
+                "set one of them"
+            )
+
     @property
     def exact(self) -> bool:
-        """True when an upcycled model with copied experts reproduces the dense model exactly."""
+        """True when the upcycled model reproduces the dense model exactly at step 0 (copies, or
+        granular segments of copies, with renormalised top-k >= 2 and no token dropping)."""
         return self.top_k >= 2 and not self.drop_tokens and self.expert_init == "copy"
+
+    @property
+    def num_copies(self) -> int:
+        """Copies of the dense MLP per MoE layer (num_experts / granularity)."""
+        return self.num_experts // self.granularity
+
+    def check_intermediate(self, intermediate: int) -> None:
+        """The model's MLP width must split into granularity equal segments."""
+        if intermediate % self.granularity:
+            raise ValueError(
+                f"moe.granularity ({self.granularity}) must divide the model's intermediate_size ({intermediate}); "
+                "choose a divisor of it"
+            )
 
     def layer_indices(self, num_layers: int) -> list[int]:
         """The decoder-layer indices that become MoE, validated against the model's depth."""
@@ -280,6 +339,10 @@ class LogConfig:
     """Logging steps the collapse condition must hold before the warning fires."""
     peak_tflops: float = 0.0
     """Peak FLOP/s per device, in TFLOP/s, for MFU (0: look the device up in a table)."""
+    health_every: int = 10
+    """Upcycling-health metrics (expert-dense and expert-expert similarity, router margin) every N
+    steps and at step 0 (0: off). Costs about one pass over the expert weights plus one read of the
+    dense MLPs of the MoE layers."""
     sample_prompt: str = ""
     """If set, a greedy continuation of this prompt is generated at the start and the end (summary.json)."""
     sample_tokens: int = 24
@@ -294,6 +357,7 @@ class LogConfig:
         _non_negative("log.collapse_max_over_mean", self.collapse_max_over_mean)
         _positive("log.collapse_patience", self.collapse_patience)
         _non_negative("log.peak_tflops", self.peak_tflops)
+        _non_negative("log.health_every", self.health_every)
 
 
 @dataclass(frozen=True)

@@ -80,7 +80,7 @@ def write_mixtral(
     ``protected``: {field: folder} inputs the output must not overlap."""
     from tqdm import tqdm
 
-    plan = mixtral.check_against_contract(specs, dense_cfg, moe.num_experts)
+    plan = mixtral.check_against_contract(specs, dense_cfg, moe.num_experts, moe.granularity)
     out_dtype = DTYPES[dtype]
     config = mixtral.mixtral_config(dense_cfg, moe)
     config["dtype"] = HF_DTYPE_NAMES[out_dtype]
@@ -140,6 +140,15 @@ def export_checkpoint(
     cfg, dense_cfg, src = checkpoint.load_meta(folder, source)
     moe = cfg.moe
     if expand_dense_layers:
+        if moe.granularity > 1 and moe.layer_indices(dense_cfg.num_hidden_layers) != list(
+            range(dense_cfg.num_hidden_layers)
+        ):
+            # A dense layer would need G segments per copy behind a zero router, and top-k of
+            # E x G tied gates (torch.topk, no fixed tie order) could split copies: not exact.
+            raise ValueError(
+                f"--expand-dense-layers cannot write dense layers exactly when moe.granularity is {moe.granularity}; "
+                'train granular runs with moe.moe_layers "all" to export them'
+            )
         moe = dataclasses.replace(moe, moe_layers="all")
     warnings = mixtral.check_representable(dense_cfg, moe, allow_inexact)
     tied = bool(getattr(dense_cfg, "tie_word_embeddings", False))
@@ -172,13 +181,14 @@ def upcycle_offline(
     src: str | Path, out: str | Path, moe: MoEConfig, dtype: str | None = None, overwrite: bool = False,
     max_shard_bytes: int = MAX_SHARD_BYTES, progress: bool = True,
 ) -> dict:  # fmt: skip
-    """Dense HF checkpoint -> HF Mixtral checkpoint, tensor by tensor (peak memory ~ one tensor).
+    """Dense HF checkpoint -> HF Mixtral checkpoint, tensor by tensor (peak memory ~ one layer's MLP).
 
-    The routers come from the same seeded init as online upcycling, so this output equals what
-    `ds-upcycle train` builds in memory at step 0.
+    Routers and experts come from the same pure functions as online upcycling
+    (``ds_upcycle.upcycle.router_init`` and ``expert_weights``: every expert_init, any granularity), so
+    this output equals, bit for bit, what `ds-upcycle train` builds in memory at step 0.
     """
     from ds_upcycle.loading import check_model_dir, load_hf_config
-    from ds_upcycle.upcycle import SUPPORTED_ARCHITECTURES, router_init
+    from ds_upcycle.upcycle import SUPPORTED_ARCHITECTURES
 
     src = check_model_dir(src, field="dense model")
     dense_cfg = load_hf_config(src, field="dense model")
@@ -189,24 +199,52 @@ def upcycle_offline(
             f"upcycle supports dense {', '.join(SUPPORTED_ARCHITECTURES)} with SiLU MLPs"
         )
     mixtral.check_representable(dense_cfg, moe, allow_inexact=False)
-    if moe.expert_init != "copy":
-        raise ValueError(f"moe.expert_init ({moe.expert_init!r}) is not supported offline; use 'copy'")
+    moe.check_intermediate(dense_cfg.intermediate_size)
     tied = bool(getattr(dense_cfg, "tie_word_embeddings", False))
     specs: dict[str, TensorSpec] = {}
+    mlps: dict[int, dict[str, tuple]] = {}
     for key, (shape, load) in read_lazily(src).items():
         if tied and key == "lm_head.weight":
             continue
         if m := mixtral.DENSE_MLP.match(key):
-            router = lambda i: router_init(moe, i, dense_cfg.hidden_size)  # noqa: E731
-            _add_expert_copies(specs, m, shape, load, moe.num_experts, router)
+            mlps.setdefault(int(m[1]), {})[m[2]] = (shape, load)
             continue
         if not mixtral.SHARED.match(key):
             raise ValueError(f"dense tensor {key!r} has no Mixtral counterpart; refusing to drop it silently")
         specs[key] = TensorSpec(key, shape, load)
+    for layer, mlp in sorted(mlps.items()):
+        _add_upcycled_experts(specs, layer, mlp, moe, dense_cfg.hidden_size)
     dtype = dtype or short_dtype_name(getattr(dense_cfg, "dtype", None))
     report = write_mixtral(specs, dense_cfg, moe, src, Path(out), dtype, overwrite, max_shard_bytes,
                            "upcycle" if progress else "", {"the dense model": src})  # fmt: skip
     return {"source": str(src), **report}
+
+
+def _add_upcycled_experts(specs: dict, layer: int, mlp: dict[str, tuple], moe: MoEConfig, hidden: int) -> None:
+    """Specs for one layer's router and experts. Each expert is computed once from the layer's
+    three dense matrices (the reader keeps the last three) and held until its three tensors are written."""
+    from ds_upcycle.upcycle import MLP_PROJECTIONS, expert_weights, router_init
+
+    missing = [p for p in MLP_PROJECTIONS if p not in mlp]
+    if missing:
+        raise ValueError(f"dense layer {layer} lacks mlp.{missing[0]}.weight; upcycle needs gate, up and down")
+    held: dict[int, dict[str, torch.Tensor]] = {}
+
+    def weights(expert: int) -> dict[str, torch.Tensor]:
+        if expert not in held:
+            held.clear()
+            dense = {p: mlp[p][1]() for p in MLP_PROJECTIONS}
+            held[expert] = expert_weights(dense, moe, layer, expert)
+        return held[expert]
+
+    gate = mixtral.router_name(layer)
+    specs[gate] = TensorSpec(gate, (moe.num_experts, hidden), lambda: router_init(moe, layer, hidden))
+    for expert in range(moe.num_experts):
+        for proj in MLP_PROJECTIONS:
+            rows, cols = mlp[proj][0]
+            shape = (rows, cols // moe.granularity) if proj == "down_proj" else (rows // moe.granularity, cols)
+            name = mixtral.expert_name(layer, expert, proj)
+            specs[name] = TensorSpec(name, shape, lambda e=expert, p=proj: weights(e)[p])
 
 
 # --------------------------------------------------------------------------------------------
@@ -254,7 +292,8 @@ def upcycle_main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="ds-upcycle upcycle",
         description="Offline conversion: dense HF Llama/Mistral checkpoint -> HF Mixtral checkpoint whose experts "
-        "are copies of each dense MLP and whose routers are new (the same seeded init as online upcycling). "
+        "come from each dense MLP and whose routers are new, with the same recipes and seeded init as online "
+        "upcycling (copies, noise, Drop-Upcycling, granular), bit for bit. "
         "Streams tensor by tensor, so peak memory is a few tensors, not the model. `ds-upcycle train` can "
         "start from the output.",
         epilog="example: ds-upcycle upcycle dense/ mixtral/ --moe.num_experts=8 --moe.top_k=2",

@@ -1,8 +1,8 @@
 """Router statistics, throughput and MFU, and the logger that sends them to W&B and the console.
 
-Keys are namespaced: ``loss/*``, ``optim/*``, ``throughput/*``, ``memory/*``, ``eval/*`` and
-``router/layer_LL/*`` (see the README's metrics glossary). Only rank 0 writes; every rank must
-take part in the all-reduces that feed it.
+Keys are namespaced: ``loss/*``, ``optim/*``, ``throughput/*``, ``memory/*``, ``eval/*``,
+``router/layer_LL/*`` and ``health/layer_LL/*`` (see the README's metrics glossary). Only rank 0
+writes; every rank must take part in the all-reduces that feed it.
 """
 
 from __future__ import annotations
@@ -97,6 +97,125 @@ def router_metrics(layers: list[int], counts: torch.Tensor, dropped: torch.Tenso
     out["router/entropy_mean"] = sum(out[f"router/layer_{layer:02d}/entropy"] for layer in layers) / len(layers)
     out["router/dead_frac_mean"] = sum(out[f"router/layer_{layer:02d}/dead_frac"] for layer in layers) / len(layers)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Upcycling health: how far experts moved from the dense MLP and from each other, and how
+# decisive routing is. Each expert is one vector: its gate, up and down weights together.
+# --------------------------------------------------------------------------------------------
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+class DenseReference:
+    """Each expert's step-0 reference: its copy of the dense MLP (its granularity segment, down
+    scaled by G), read back from the checkpoint the run started from, one layer at a time.
+
+    Nothing is kept in memory between measurements: at Llama-3-8B scale the dense MLPs of 32 MoE
+    layers are 5.6 B parameters (11 GB in bf16) that every rank would hold. The safetensors files are
+    memory-mapped, so the ranks of a node share one page-cached copy, and a measurement reads each
+    MoE layer's three dense matrices once. A Mixtral folder (e.g. `ds-upcycle upcycle` output)
+    has no dense MLP: its own step-0 experts are the reference there.
+    """
+
+    def __init__(self, model_path: str | Path, granularity: int) -> None:
+        from ds_upcycle.safetensors_stream import read_lazily
+
+        self.tensors = read_lazily(Path(model_path))
+        self.granularity = granularity
+
+    def expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        from ds_upcycle.mixtral import expert_name
+        from ds_upcycle.upcycle import dense_segment
+
+        dense = {p: f"model.layers.{layer}.mlp.{p}.weight" for p in PROJECTIONS}
+        if all(k in self.tensors for k in dense.values()):
+            weights = {p: self.tensors[k][1]() for p, k in dense.items()}
+            return dense_segment(weights, self.granularity, expert % self.granularity)
+        return {p: self.tensors[expert_name(layer, expert, p)][1]() for p in PROJECTIONS}
+
+
+def _dot(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> torch.Tensor:
+    return sum((a[p] * b[p]).sum(dtype=torch.float64) for p in PROJECTIONS)
+
+
+def _all_reduce(t: torch.Tensor, group=None) -> torch.Tensor:
+    if not torch.distributed.is_initialized():
+        return t
+    out = t.to(comm_device())
+    torch.distributed.all_reduce(out, group=group)
+    return out.to(t.device)
+
+
+def layer_health(block, layer: int, reference: DenseReference, ep_rank: int) -> dict[str, float]:
+    """One MoE layer: cosine similarity of every expert to its dense reference (mean, min), and the
+    mean pairwise cosine similarity between experts that started from the same dense weights (all
+    pairs; with granularity G, pairs of the same segment). Collective over the layer's EP group.
+
+    Pairs across ranks are exact, without moving experts: with unit vectors u_i, the sum over pairs
+    i != j of u_i . u_j is |sum_i u_i|^2 - n, so each rank adds its own u_i and one all-reduce of an
+    expert-sized sum per segment gives every pair."""
+    experts = block.local_experts
+    num_experts, g = block.num_experts, block.granularity
+    first = ep_rank * len(experts)
+    dense_sim = torch.zeros(num_experts, dtype=torch.float64)
+    counts = torch.zeros(g, dtype=torch.float64)
+    sums: dict[int, dict[str, torch.Tensor]] = {}
+    for j, expert in enumerate(experts):
+        w = {p: getattr(expert, p).weight.detach().float() for p in PROJECTIONS}
+        ref = {p: t.to(w[p].device, torch.float32) for p, t in reference.expert(layer, first + j).items()}
+        norm = _dot(w, w).sqrt()
+        dense_sim[first + j] = (_dot(w, ref) / (norm * _dot(ref, ref).sqrt())).cpu()
+        seg = (first + j) % g
+        acc = sums.setdefault(seg, {p: torch.zeros_like(t) for p, t in w.items()})
+        for p in PROJECTIONS:
+            acc[p] += w[p] / norm.float()
+        counts[seg] += 1
+    shapes = {p: getattr(experts[0], p).weight.shape for p in PROJECTIONS}
+    device = experts[0].gate_proj.weight.device
+    flat = torch.cat(
+        [sums[s][p].flatten() if s in sums else torch.zeros(shapes[p].numel(), device=device)
+         for s in range(g) for p in PROJECTIONS]
+    )  # fmt: skip
+    group = block.moe.deepspeed_moe.ep_group if block.moe.ep_size > 1 else None
+    if group is not None:
+        dense_sim, counts, flat = (_all_reduce(t, group) for t in (dense_sim, counts, flat))
+    per_segment = flat.view(g, -1).double().square().sum(dim=1).cpu()  # |sum_i u_i|^2 per segment
+    pairs = float((counts * (counts - 1)).sum())
+    out = {"dense_sim_mean": float(dense_sim.mean()), "dense_sim_min": float(dense_sim.min())}
+    if pairs > 0:
+        out["expert_sim_mean"] = float((per_segment - counts).sum()) / pairs
+    return out
+
+
+@torch.no_grad()
+def health_metrics(blocks, moe, model_path: str | Path) -> dict[str, float]:
+    """Upcycling-health scalars of every MoE layer and across layers (collective: EP groups for the
+    weights, the whole world for the router margin, whose sums cover every training forward since
+    the previous call)."""
+    from ds_upcycle.upcycle import expert_parallel_rank
+
+    reference = DenseReference(model_path, moe.granularity)
+    ep_rank = expert_parallel_rank(moe.ep_size)
+    margins = _all_reduce(torch.stack([block.pop_margin() for _, block in blocks]).cpu())
+    out: dict[str, float] = {}
+    per_layer = []
+    for j, (layer, block) in enumerate(blocks):
+        stats = layer_health(block, layer, reference, ep_rank)
+        if margins[j, 1] > 0:
+            stats["router_margin"] = float(margins[j, 0] / margins[j, 1])
+        out.update({f"health/layer_{layer:02d}/{k}": v for k, v in stats.items()})
+        per_layer.append(stats)
+    for key, reduce in (("dense_sim_mean", _mean), ("dense_sim_min", min), ("expert_sim_mean", _mean),
+                        ("router_margin", _mean)):  # fmt: skip
+        values = [s[key] for s in per_layer if key in s]
+        if values:
+            out[f"health/{key}"] = reduce(values)
+    return out
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 # --------------------------------------------------------------------------------------------

@@ -8,10 +8,14 @@ Target names are the classic Mixtral ones, which transformers 4.x and 5.x and vL
 
 Exactness: Mixtral routes softmax -> top-k -> renormalise, which is DeepSpeed's top-k (k >= 2)
 function exactly. It is dropless, has an MoE block in every layer, and has no biases.
+
+Granular upcycling (moe.granularity G) maps onto a standard Mixtral too: num_experts experts of
+width intermediate / G and num_experts_per_tok = top_k (both count fine-grained experts).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -81,7 +85,7 @@ def mixtral_config(dense_cfg, moe: MoEConfig) -> dict:
     cfg = MixtralConfig(
         vocab_size=shape.vocab,
         hidden_size=shape.hidden,
-        intermediate_size=shape.intermediate,
+        intermediate_size=shape.intermediate // moe.granularity,
         num_hidden_layers=shape.layers,
         num_attention_heads=shape.heads,
         num_key_value_heads=shape.kv_heads,
@@ -111,10 +115,12 @@ def mixtral_config(dense_cfg, moe: MoEConfig) -> dict:
     return out
 
 
-def target_shapes(dense_cfg, num_experts: int) -> dict[str, tuple[int, ...]]:
-    """Every tensor a Mixtral checkpoint of this shape holds, in classic names, with its shape."""
+def target_shapes(dense_cfg, num_experts: int, granularity: int = 1) -> dict[str, tuple[int, ...]]:
+    """Every tensor a Mixtral checkpoint of this shape holds, in classic names, with its shape
+    (experts of width intermediate / granularity)."""
     shape = ModelShape.from_hf_config(dense_cfg)
-    h, f, v, heads, kv, hd = shape.hidden, shape.intermediate, shape.vocab, shape.heads, shape.kv_heads, shape.head_dim
+    h, v, heads, kv, hd = shape.hidden, shape.vocab, shape.heads, shape.kv_heads, shape.head_dim
+    f = shape.intermediate // granularity
     out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
     for i in range(shape.layers):
         p = f"model.layers.{i}."
@@ -155,10 +161,12 @@ def map_key(key: str) -> str:
     raise ValueError(f"checkpoint tensor {key!r} has no Mixtral counterpart; refusing to drop it silently")
 
 
-def check_against_contract(specs: dict[str, TensorSpec], dense_cfg, num_experts: int) -> list[TensorSpec]:
+def check_against_contract(
+    specs: dict[str, TensorSpec], dense_cfg, num_experts: int, granularity: int = 1
+) -> list[TensorSpec]:
     """Check mapped tensors against the Mixtral contract (every tensor present, nothing extra,
     every shape right); return them in canonical order."""
-    expected = target_shapes(dense_cfg, num_experts)
+    expected = target_shapes(dense_cfg, num_experts, granularity)
     missing = [k for k in expected if k not in specs]
     if missing:
         raise ValueError(f"the source lacks {len(missing)} tensors Mixtral needs, e.g. {missing[0]!r}")
@@ -199,9 +207,12 @@ def load_mixtral_as_moe(src: str | Path, moe: MoEConfig, dtype: str = "fp32", ep
     for key in ("num_local_experts", "num_experts_per_tok", "router_aux_loss_coef", "router_jitter_noise",
                 "output_router_logits", "sliding_window", "model_type", "architectures"):  # fmt: skip
         d.pop(key, None)
+    # A dense skeleton that upcycling turns into the folder's layout (granular: G x the expert
+    # width); its weights are all replaced below, so the experts are built as plain copies.
+    d["intermediate_size"] = mcfg.intermediate_size * moe.granularity
     model = LlamaForCausalLM(LlamaConfig(**d)).to(DTYPES[dtype])
     ep_rank = expert_parallel_rank(moe.ep_size) if ep_rank is None else ep_rank
-    upcycle(model, moe, ep_rank=ep_rank)
+    upcycle(model, dataclasses.replace(moe, expert_init="copy"), ep_rank=ep_rank)
     tensors = read_lazily(src)
     num_local = moe.num_experts // moe.ep_size
     state = {}

@@ -26,7 +26,8 @@ class MoEBlock(nn.Module):
     After each forward, ``aux_loss`` (scalar, with grad), ``z_loss`` (scalar or None),
     ``exp_counts`` (local routed-token counts per expert before any dropping, [E]) and
     ``num_tokens`` (local T) and ``dropped_tokens`` (routes past capacity, 0 when dropless)
-    describe that forward.
+    describe that forward. Training forwards also add to the router-margin sums that
+    :meth:`pop_margin` hands over (the upcycling-health metrics).
     """
 
     def __init__(self, hidden_size: int, expert: nn.Module, cfg: MoEConfig) -> None:
@@ -62,6 +63,8 @@ class MoEBlock(nn.Module):
         self.exp_counts: torch.Tensor | None = None
         self.dropped_tokens: torch.Tensor | int = 0
         self.num_tokens = 0
+        self.granularity = cfg.granularity
+        self._margin = torch.zeros(2, dtype=torch.float64)  # (sum of top-k margins, tokens)
 
     @property
     def gate_weight(self) -> nn.Parameter:
@@ -74,6 +77,8 @@ class MoEBlock(nn.Module):
         return self.moe.deepspeed_moe.experts.deepspeed_experts
 
     def forward(self, x_BSD: torch.Tensor) -> torch.Tensor:
+        if self.training and self.top_k < self.num_experts:
+            self._record_margin(x_BSD)
         out_BSD, l_aux, exp_counts = self.moe(x_BSD)
         self.exp_counts = exp_counts
         self.num_tokens = x_BSD.numel() // x_BSD.shape[-1]
@@ -92,6 +97,20 @@ class MoEBlock(nn.Module):
             if self.with_z_loss:
                 self.z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
         return out_BSD
+
+    @torch.no_grad()
+    def _record_margin(self, x_BSD: torch.Tensor) -> None:
+        """Add this forward's router margins: the gap between the k-th and (k+1)-th gate value
+        (softmax over all experts in fp32, as deepspeed/moe/sharded_moe.py topkgating computes it)."""
+        logits_TE = F.linear(x_BSD.reshape(-1, x_BSD.shape[-1]).float(), self.gate_weight.float())
+        top_TK = logits_TE.softmax(dim=-1).topk(self.top_k + 1, dim=-1).values
+        margin = (top_TK[:, -2] - top_TK[:, -1]).double().sum()
+        self._margin = self._margin.to(margin.device) + torch.stack([margin, margin.new_tensor(top_TK.shape[0])])
+
+    def pop_margin(self) -> torch.Tensor:
+        """(sum of router margins, tokens) since the last call, as a float64 [2] tensor; resets."""
+        out, self._margin = self._margin, torch.zeros_like(self._margin)
+        return out
 
 
 def global_balance_loss(logits_TE: torch.Tensor, top_k: int) -> torch.Tensor:

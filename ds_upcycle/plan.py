@@ -8,6 +8,9 @@ arXiv 2412.09952: training FLOPs per token = 6 x (active matmul parameters, the 
 included) + 12 x L x s x (n_heads x head_dim) for attention scores and values over a full (not
 causally halved) s x s matrix. For Llama-3 shapes this equals the paper's
 12 B s L h^2 [(1 + n_kv/n_h + s/h) + (F/h) k 1.5 + V/(2 L h)] / (B s), plus the router's 6 E h.
+
+Granular upcycling (granularity G): E fine-grained experts of width F / G, top-k of them, so a
+token touches k / G copies' worth of MLP (the same as top-(k/G) plain copies) and the router has E rows.
 """
 
 from __future__ import annotations
@@ -72,6 +75,12 @@ class Plan:
     world_size: int
     seq_len: int
     dtype: str
+    granularity: int = 1
+
+    @property
+    def expert_mlp_params(self) -> int:
+        """One expert: gate, up and down of width intermediate / granularity."""
+        return self.shape.mlp_params // self.granularity
 
     @property
     def _non_mlp(self) -> int:
@@ -86,7 +95,7 @@ class Plan:
     @property
     def expert_params(self) -> int:
         """All experts of all MoE layers (global)."""
-        return len(self.moe_layers) * self.num_experts * self.shape.mlp_params
+        return len(self.moe_layers) * self.num_experts * self.expert_mlp_params
 
     @property
     def dense_total(self) -> int:
@@ -100,14 +109,14 @@ class Plan:
     @property
     def moe_active(self) -> int:
         """Parameters one token touches: k experts per MoE layer plus the router."""
-        return self.moe_total - len(self.moe_layers) * (self.num_experts - self.top_k) * self.shape.mlp_params
+        return self.moe_total - len(self.moe_layers) * (self.num_experts - self.top_k) * self.expert_mlp_params
 
     def train_flops_per_token(self, moe: bool) -> float:
         """Megatron's training FLOPs per token (forward + backward), see module docstring."""
         s = self.shape
         matmul = s.layers * s.attn_params + s.vocab * s.hidden  # LM head counts even when tied
         if moe:
-            k_mlps = len(self.moe_layers) * (self.top_k * s.mlp_params + self.num_experts * s.hidden)
+            k_mlps = len(self.moe_layers) * (self.top_k * self.expert_mlp_params + self.num_experts * s.hidden)
             matmul += k_mlps + (s.layers - len(self.moe_layers)) * s.mlp_params
         else:
             matmul += s.layers * s.mlp_params
@@ -155,7 +164,7 @@ class Plan:
         """
         s, tokens, p = self.shape, micro_batch * self.seq_len, PARAM_BYTES[self.dtype]
         dense_layer = 10 * s.hidden + 4 * s.intermediate
-        moe_layer = 10 * s.hidden + self.top_k * (4 * s.intermediate + 2 * s.hidden)
+        moe_layer = 10 * s.hidden + self.top_k * (4 * s.intermediate // self.granularity + 2 * s.hidden)
         n_moe = len(self.moe_layers) if moe else 0
         layers = [moe_layer] * n_moe + [dense_layer] * (s.layers - n_moe)
         kept = s.layers * s.hidden + max(layers) if checkpointing else sum(layers)
@@ -175,6 +184,7 @@ class Plan:
             "moe_layers": list(self.moe_layers),
             "num_experts": self.num_experts,
             "top_k": self.top_k,
+            "granularity": self.granularity,
             "ep_size": self.ep_size,
             "world_size": self.world_size,
             "seq_len": self.seq_len,
@@ -221,6 +231,7 @@ def make_plan(hf_config, moe: MoEConfig, world_size: int, seq_len: int, dtype: s
     if dtype not in ADAM_BYTES:
         raise ValueError(f"dtype ({dtype!r}) must be one of {', '.join(ADAM_BYTES)}")
     shape = ModelShape.from_hf_config(hf_config)
+    moe.check_intermediate(shape.intermediate)
     return Plan(
         shape=shape,
         moe_layers=tuple(moe.layer_indices(shape.layers)),
@@ -230,6 +241,7 @@ def make_plan(hf_config, moe: MoEConfig, world_size: int, seq_len: int, dtype: s
         world_size=world_size,
         seq_len=seq_len,
         dtype=dtype,
+        granularity=moe.granularity,
     )
 
 
@@ -282,6 +294,14 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+def _granular_note(plan: Plan) -> str:
+    g = plan.granularity
+    if g == 1:
+        return ""
+    width = plan.shape.intermediate // g
+    return f" (granularity {g}: {plan.num_experts // g} copies x {g} experts of width {width}, top-{plan.top_k // g} copies)"
+
+
 def format_table(plan: Plan, d: dict, source: str) -> str:
     """The dense vs MoE table `ds-upcycle plan` prints."""
     s = plan.shape
@@ -289,8 +309,8 @@ def format_table(plan: Plan, d: dict, source: str) -> str:
     lines = [
         f"{source}: hidden {s.hidden}, intermediate {s.intermediate}, {s.layers} layers, "
         f"{s.heads} heads ({s.kv_heads} KV, head_dim {s.head_dim}), vocab {s.vocab}, tied {s.tied}",
-        f"MoE: {plan.num_experts} experts, top-{plan.top_k}, on {len(plan.moe_layers)}/{s.layers} layers; "
-        f"ep {plan.ep_size}, world {plan.world_size}, ZeRO-{d['zero_stage']}, {plan.dtype}, seq {plan.seq_len}, "
+        f"MoE: {plan.num_experts} experts, top-{plan.top_k}{_granular_note(plan)}, on {len(plan.moe_layers)}/{s.layers} "
+        f"layers; ep {plan.ep_size}, world {plan.world_size}, ZeRO-{d['zero_stage']}, {plan.dtype}, seq {plan.seq_len}, "
         f"micro-batch {d['micro_batch']}, activation checkpointing {'on' if d['activation_checkpointing'] else 'off'}\n",
     ]
     rows = [

@@ -212,6 +212,8 @@ def check_model(cfg: RunConfig):
     cfg.moe.layer_indices(hf.num_hidden_layers)
     if hf.model_type == "mixtral":
         check_mixtral_start(hf, cfg.moe)
+    else:
+        cfg.moe.check_intermediate(hf.intermediate_size)
     return hf
 
 

@@ -375,11 +375,23 @@ def _collapse_alert(t: Trainer, done: int, worst: float) -> dict:
     return {"alerts/router_collapse": float(fired)}
 
 
+def health(t: Trainer, done: int) -> dict:
+    """Upcycling-health metrics (ds_upcycle.metrics.health_metrics) when due: every
+    log.health_every steps and at step 0. Collective."""
+    every = t.cfg.log.health_every
+    if not (t.layers and every and done % every == 0):
+        return {}
+    from ds_upcycle.metrics import health_metrics
+
+    return health_metrics(t.blocks, t.cfg.moe, t.cfg.model.path)
+
+
 def log_step(t: Trainer, done: int, r: StepResult) -> None:
     """Metrics to W&B, metrics.jsonl and the console; a load heatmap when due."""
     from ds_upcycle.metrics import heatmap_png
 
     metrics, counts = step_metrics(t, done, r)
+    metrics.update(health(t, done))
     images = None
     every = t.cfg.log.heatmap_every
     if t.layers and every and (done % every == 0 or done == 1) and t.rank == 0:
@@ -469,6 +481,8 @@ def run(cfg: RunConfig) -> dict:
         if cfg.log.sample_prompt:
             t.summary["sample_start"] = greedy_sample(t)
         t.summary["eval_loss_start"] = log_eval(t, 0)
+        if step0_health := health(t, 0):
+            t.logger.log(step0_health, 0)
     t.engine.train()  # from_pretrained returns eval-mode models; resume skips the evals above
     for step in range(start, stop):
         result = train_step(t, step)

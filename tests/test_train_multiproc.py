@@ -84,12 +84,15 @@ def test_ablation_of_two_configs(tiny_setup, tmp_path):
     other.write_text(json.dumps(cfg))
     out = tmp_path / "abl"
     rc = ablate([str(DEBUG_CONFIG), str(other), "--out", str(out), "--num-gpus", "2", "--master-port",
-                 str(LAUNCH_PORT), *debug_overrides(tiny_setup, tmp_path / "unused", **{"train.steps": 4})])  # fmt: skip
+                 str(LAUNCH_PORT), "--drop-checkpoints",
+                 *debug_overrides(tiny_setup, tmp_path / "unused", **{"train.steps": 4})])  # fmt: skip
     assert rc == 0
+    assert not (out / "top1" / "checkpoints").exists() and (out / "top1" / "summary.json").is_file()
     table = (out / "ablation.md").read_text()
     assert "| cpu_debug_zero2_ep2 |" in table and "| top1 |" in table
     lines = (out / "ablation.csv").read_text().splitlines()
-    assert lines[0] == "config,final_train_loss,eval_loss_end,tokens_per_s,mfu,max_over_mean" and len(lines) == 3
+    assert lines[0].startswith("config,final_train_loss,eval_loss_end,delta_eval,within_noise,tokens_per_s,mfu")
+    assert len(lines) == 3
     diff = json.loads((out / "top1" / "config_diff.json").read_text())
     assert diff == {"ds_upcycle.moe.top_k": [2, 1]}
     assert ROOT.exists()

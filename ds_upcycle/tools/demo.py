@@ -13,6 +13,9 @@
 
 On CPU the default upcycles every other layer (15 of 30, still 8 experts top-2) so the whole job
 fits in about 15 minutes on 2 cores; --gpus keeps all layers.
+
+`--ablate` (`make ablate`) runs the upcycling-recipe ablation instead: every config of
+ds_configs/ablations/ on the whole model through `ds-upcycle ablate` (:func:`run_ablation`).
 """
 
 from __future__ import annotations
@@ -264,7 +267,47 @@ def build_parser() -> argparse.ArgumentParser:
         "--wandb", default="auto", choices=["auto", "online", "offline", "disabled"], help="W&B mode (default auto)"
     )
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port for the launcher")
+    p.add_argument(
+        "--ablate",
+        action="store_true",
+        help="instead: the upcycling-recipe ablation (ds_configs/ablations/*) on the whole model, through "
+        "`ds-upcycle ablate` (out: runs/ablate; --steps, --moe-layers, --replicates apply)",
+    )
+    p.add_argument(
+        "--replicates", type=int, default=1, help="--ablate: seed replicates of the copy arm, for noise (default 1)"
+    )
     return p
+
+
+ABLATION_ARMS = ("copy", "noise", "drop", "granular", "frozen_router")
+"""The shipped ablation configs (ds_configs/ablations/), in table order; copy is the baseline."""
+ABLATION_MOE_LAYERS = "every_3"
+"""MoE on layers 0, 3, ..., 27 (10 of 30): the most that lets all six runs (five arms and a seed
+replicate) of `make ablate` fit in 15 minutes on 2 CPU cores (README, "Recipes and ablations")."""
+
+
+def run_ablation(args, cache: Path) -> int:
+    """`demo --ablate`: every recipe on the whole SmolLM2 (or --model) and Shakespeare, same data,
+    seed and steps, through `ds-upcycle ablate`."""
+    from ds_upcycle.config import to_overrides
+    from ds_upcycle.tools.ablate import main as ablate
+
+    model_dir = Path(args.model) if args.model else smollm2_checkpoint(cache, args.layers)
+    train_files, eval_files = (args.data, []) if args.data else shakespeare_corpus(cache)
+    settings = {
+        "model.path": str(model_dir), "data.train": train_files, "data.eval": eval_files,
+        "data.cache_dir": str(cache / "tokens"), "moe.moe_layers": args.moe_layers or ABLATION_MOE_LAYERS,
+        "log.wandb": args.wandb, "train.save_final": False,  # the table needs metrics, not 5 GB per arm
+    }  # fmt: skip
+    if args.steps:
+        settings["train.steps"] = args.steps
+    out = "runs/ablate" if args.out == "runs/demo" else args.out
+    configs = [f"ablations/{arm}" for arm in ABLATION_ARMS]
+    # One thread per rank on a 2-core machine: more only makes the ranks' OpenMP threads contend.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    port = ["--master-port", str(args.master_port)] if args.master_port else []
+    flags = ["--num-gpus", "2", "--replicates", str(args.replicates), "--overwrite", "--drop-checkpoints", *port]
+    return ablate([*configs, "--out", out, *flags, *to_overrides(settings)])
 
 
 MARKER = ".ds_upcycle_demo"
@@ -398,6 +441,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out).resolve()
     cache = Path(args.cache or os.environ.get("DS_UPCYCLE_CACHE", Path.home() / ".cache" / "ds_upcycle"))
     cache.mkdir(parents=True, exist_ok=True)
+    if args.ablate:
+        return run_ablation(args, cache)
     check_demo_folder(out)
     world = args.gpus or 2
     base = "gpu_zero2_bf16_ep2" if args.gpus else "cpu_debug_zero2_ep2"  # shipped configs, by name

@@ -23,6 +23,11 @@ VARIANTS: dict[str, dict] = {
         rope_scaling={"rope_type": "linear", "factor": 2.0},
     ),
     "head_dim": dict(head_dim=32, num_key_value_heads=2),  # 4 heads x 32 != hidden 64
+    "gqa_tied_rope": dict(  # all three at once, for the costlier (multi-process) checks
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_scaling={"rope_type": "linear", "factor": 2.0},
+    ),
 }
 """Each variant exercises one thing export/upcycling can get wrong: GQA, tied embeddings,
 rope_scaling, and head_dim != hidden / heads."""
