@@ -143,12 +143,26 @@ class TrainingRun:
         return self.stdout + self.stderr
 
 
+def prepare_data(cfg, global_batch: int, cwd: str | Path | None, progress: bool) -> None:
+    """Tokenise the run's data into its cache here, before the launch (ds_upcycle.data.prepare_run),
+    so the ranks only open it. Paths in the config are relative to the run's ``cwd``."""
+    from ds_upcycle.data import prepare_run
+
+    here = os.getcwd()
+    os.chdir(cwd or here)
+    try:
+        prepare_run(cfg, global_batch, progress=progress)
+    finally:
+        os.chdir(here)
+
+
 def run_training(
     config: str | Path, overrides: list[str], *, num_gpus: int | None = None, hostfile: str | Path | None = None,
     master_port: int | None = None, env: dict | None = None, capture: bool = False, timeout: float | None = None,
     cwd: str | Path | None = None,
 ) -> TrainingRun:  # fmt: skip
-    """Validate a run against the world the launcher will start, launch it, and read its summary.
+    """Validate a run against the world the launcher will start, prepare its data, launch it, and
+    read its summary.
 
     ValueError (before any process starts) for a bad config, hostfile or layout.
     """
@@ -157,7 +171,8 @@ def run_training(
 
     path = resolve_config(config).resolve()
     cfg = load_run_config(path, overrides)
-    validate(cfg, world_size(num_gpus, hostfile))
+    derived = validate(cfg, world_size(num_gpus, hostfile))
+    prepare_data(cfg, derived.global_batch, cwd, progress=not capture)
     proc = launch_module(
         "ds_upcycle.train", [str(path), *overrides], num_gpus=num_gpus, hostfile=hostfile, master_port=master_port,
         env=env, capture_output=capture, text=True, timeout=timeout, cwd=cwd,
