@@ -25,6 +25,7 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import socket
 import sys
@@ -632,7 +633,7 @@ def run_sources(cfg: RunConfig, global_batch: int) -> tuple[Source, Source | Non
     if cfg.data.train:
         train = files_source(cfg.data.train, "data.train")
     else:
-        needed = int(np.ceil(cfg.train.steps * global_batch / (1 - cfg.data.eval_fraction))) + 1
+        needed = math.ceil(cfg.train.steps * global_batch / (1 - cfg.data.eval_fraction)) + 1
         train = hub_source(cfg.data, needed)
     return train, files_source(cfg.data.eval, "data.eval") if cfg.data.eval else None
 
