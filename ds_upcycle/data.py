@@ -666,8 +666,8 @@ def prepare_main(argv: list[str] | None = None) -> int:
         "tokenised by data.num_proc processes, joined with EOS, packed into data.seq_len blocks and written to "
         "an .npy file that every rank then reads memory-mapped. `ds-upcycle train` does the same before it "
         "starts the launcher; run this first to prepare a large corpus once, on its own. Takes the same CONFIG, "
-        "world size and --section.key=value overrides as `ds-upcycle train` (the world size only matters for "
-        "a streamed hub dataset, whose length follows from the global batch).",
+        "world size and --section.key=value overrides as `ds-upcycle train`, checked the same way (the world size "
+        "also sets how much of a streamed hub dataset is read).",
         epilog="example: ds-upcycle prepare-data gpu_zero2_bf16_ep8 --num-gpus 8 --data.num_proc=16",
     )
     p.add_argument("config", help="a run config file, or a shipped config's name")

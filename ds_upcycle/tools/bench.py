@@ -297,7 +297,7 @@ def train_compare(work: Path, shape: dict, nprocs: int, moe: MoEConfig, steps: i
 # --------------------------------------------------------------------------------------------
 
 _PREPARE_CHILD = """
-import json, sys, threading, time
+import json, os, sys, threading, time
 from pathlib import Path
 import psutil
 from ds_upcycle.config import DataConfig
@@ -319,12 +319,13 @@ def sample():  # this process alone, and with its worker processes
         time.sleep(0.02)
 th = threading.Thread(target=sample, daemon=True); th.start()
 cfg = DataConfig(seq_len=int(sys.argv[5]), num_proc=int(sys.argv[3]))
-t = time.perf_counter()
+t, c = time.perf_counter(), os.times()
 blocks, info = load_blocks([sys.argv[2]], "data.train", tok, cfg, Path(sys.argv[4]))
-dt = time.perf_counter() - t
+dt, c2 = time.perf_counter() - t, os.times()
 done.append(1); th.join()
-print(json.dumps({"seconds": dt, "blocks": len(blocks), "rss_base": base, "rss_peak": peak_main[0],
-                  "rss_peak_with_workers": peak_tree[0]}))
+cpu = sum(c2[:4]) - sum(c[:4])  # user + system, this process and its (finished) workers
+print(json.dumps({"seconds": dt, "cpu_seconds": cpu, "blocks": len(blocks), "rss_base": base,
+                  "rss_peak": peak_main[0], "rss_peak_with_workers": peak_tree[0]}))
 """
 
 
@@ -359,7 +360,7 @@ def prepare_bench(
                                    str(seq_len)], capture_output=True, text=True, check=True)  # fmt: skip
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             shutil.rmtree(cache)
-            rows.append({"corpus_mb": nbytes / 1e6, "num_proc": n, "seconds": r["seconds"],
+            rows.append({"corpus_mb": nbytes / 1e6, "num_proc": n, "seconds": r["seconds"], "cpu_s": r["cpu_seconds"],
                          "mb_per_s": nbytes / 1e6 / r["seconds"], "tokens": r["blocks"] * seq_len,
                          "rss_growth_mib": (r["rss_peak"] - r["rss_base"]) / 2**20,
                          "peak_rss_mib": r["rss_peak"] / 2**20,
@@ -527,6 +528,7 @@ def bench_prepare(args, moe: MoEConfig) -> tuple[list[dict], list, dict]:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     cols = [("corpus_mb", "corpus MB", ".1f"), ("num_proc", "num_proc", "d"), ("seconds", "seconds", ".1f"),
+            ("cpu_s", "CPU s", ".1f"),
             ("mb_per_s", "MB/s", ".2f"), ("tokens", "tokens", ",d"), ("rss_growth_mib", "RSS growth MiB", ".0f"),
             ("peak_rss_mib", "peak RSS MiB", ".0f"), ("peak_rss_with_workers_mib", "+ workers' own MiB", ".0f")]  # fmt: skip
     return rows, cols, {"tokenizer": str(tokenizer or "tiny (320 ids)"), "seq_len": 1024}
