@@ -323,7 +323,7 @@ def test_a_long_preparation_in_the_ranks_does_not_trip_the_collective_timeout(ti
     timeout_s, docs = 8, synthetic_corpus(2000, seed=5)
     corpus = tmp_path / "big.txt"
     with open(corpus, "w") as f:
-        for i in range(54):  # 16 MB: ~13 s to tokenise serially on an idle 2-core machine
+        for i in range(64):  # 19 MB: ~13 s to tokenise serially here (one core; 1.7 x the timeout)
             f.write("\n\n".join(docs[i % 7 :] + docs[: i % 7]) + "\n\n")
     t0 = time.perf_counter()
     serial = pack(load_texts([corpus], "text")[0], tokenizer, 64)  # what rank 0 alone did before
