@@ -16,6 +16,7 @@ from ds_upcycle.errors import run_guarded
 COMMANDS: dict[str, tuple[str, str]] = {
     "plan": ("ds_upcycle.plan:main", "dense -> MoE parameters, FLOPs and per-rank memory, from config.json alone"),
     "configs": ("ds_upcycle.config:configs_main", "list the shipped ds_configs, by name, with a line on each"),
+    "prepare-data": ("ds_upcycle.data:prepare_main", "tokenise a run's data into packed blocks on disk, in parallel"),
     "train": ("ds_upcycle.train:main", "validate a run config and start it through the deepspeed launcher"),
     "export": ("ds_upcycle.export:export_main", "a DeepSpeed checkpoint of ours -> a standard HF Mixtral folder"),
     "upcycle": ("ds_upcycle.export:upcycle_main", "offline: dense HF checkpoint -> HF Mixtral checkpoint, streamed"),

@@ -236,7 +236,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Training text, through `datasets`."""
+    """Training text: prepared once into a cache of packed token blocks, read memory-mapped."""
 
     train: list[str] = field(default_factory=list)
     """Local files (.txt, .jsonl/.json, .parquet; globs allowed) for training."""
@@ -260,9 +260,16 @@ class DataConfig:
     """Where tokenised blocks are cached (default: <output_dir>/../.cache/tokens)."""
     skip_bad_records: bool = False
     """Skip malformed JSON lines / non-UTF-8 lines (counted and reported) instead of failing."""
+    num_proc: int = 0
+    """Processes that tokenise in parallel while the data is prepared (0: min(8, CPU count)). The
+    blocks are the same for any value; 1 tokenises in the preparing process alone."""
 
     def __post_init__(self) -> None:
         _positive("data.seq_len", self.seq_len)
+        if self.num_proc < 0:
+            raise ValueError(
+                f"data.num_proc ({self.num_proc}) must be >= 0 (0: min(8, CPU count), 1: no worker processes)"
+            )
         if not 0 <= self.eval_fraction < 1:
             raise ValueError(f"data.eval_fraction ({self.eval_fraction}) must be in [0, 1)")
         _positive("data.eval_batches", self.eval_batches)

@@ -5,7 +5,6 @@ Every helper works in a one-process run without a process group too (it is then 
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import socket
@@ -110,13 +109,3 @@ def any_rank(flag: bool) -> bool:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
-
-
-@contextlib.contextmanager
-def rank0_first(rank: int):
-    """Rank 0 runs the block first (e.g. to fill a cache); the others wait, then run it too."""
-    if rank != 0:
-        barrier()
-    yield
-    if rank == 0:
-        barrier()

@@ -543,12 +543,26 @@ class TrainingRun:
         return self.stdout + self.stderr
 
 
+def prepare_data(cfg, global_batch: int, cwd: str | Path | None, progress: bool) -> None:
+    """Tokenise the run's data into its cache here, before the launch (ds_upcycle.data.prepare_run),
+    so the ranks only open it. Paths in the config are relative to the run's ``cwd``."""
+    from ds_upcycle.data import prepare_run
+
+    here = os.getcwd()
+    os.chdir(cwd or here)
+    try:
+        prepare_run(cfg, global_batch, progress=progress)
+    finally:
+        os.chdir(here)
+
+
 def run_training(
     config: str | Path, overrides: list[str], *, num_gpus: int | None = None, hostfile: str | Path | None = None,
     master_port: int | None = None, master_addr: str | None = None, ssh_port: int | None = None,
     env: dict | None = None, capture: bool = False, timeout: float | None = None, cwd: str | Path | None = None,
 ) -> TrainingRun:  # fmt: skip
-    """Validate a run against the world the launcher will start, launch it, and read its summary.
+    """Validate a run against the world the launcher will start, prepare its data, launch it, and
+    read its summary.
 
     The resolved config goes to the ranks in ``<output_dir>/launch.json``, never as arguments (a
     multi-host launch passes arguments through a remote shell). With a hostfile naming other
@@ -566,7 +580,7 @@ def run_training(
     hosts = list(read_hostfile(hostfile)) if hostfile is not None else ["localhost"]
     multi = not is_local(dict.fromkeys(hosts, 1))
     try:
-        validate(cfg, world)
+        derived = validate(cfg, world)
     except ValueError as e:
         if not multi:
             raise
@@ -583,6 +597,7 @@ def run_training(
     if multi:
         check_remote_paths(launch_file, workdir)
         check_hosts(hosts, ssh_port, full_env, hostfile)
+    prepare_data(cfg, derived.global_batch, cwd, progress=not capture)  # a bad data file fails here, not in ranks
     shutil.rmtree(out / FAILURES, ignore_errors=True)  # an earlier launch's records
     write_launch_file(out, cfg, path, overrides, forwarded_env(full_env))
     note = ""

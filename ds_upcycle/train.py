@@ -32,7 +32,7 @@ import torch
 
 from ds_upcycle import checkpoint
 from ds_upcycle.config import RunConfig, load_run_config
-from ds_upcycle.distributed import all_mean, any_rank, rank0_first
+from ds_upcycle.distributed import all_mean, any_rank
 from ds_upcycle.errors import NonFiniteError, run_guarded
 from ds_upcycle.preflight import Derived, holds_run, move_aside, validate
 
@@ -101,27 +101,33 @@ class Trainer:
 
 
 def load_data(cfg: RunConfig, derived: Derived, rank: int, world: int):
-    """(tokenizer, train blocks, sampler, eval batches, data info). Rank 0 tokenises and caches
-    first; the other ranks then read the cache."""
-    from ds_upcycle.data import BlockSampler, eval_batches, load_blocks, load_hub_blocks, split_train_eval
+    """(tokenizer, train blocks, sampler, eval batches, data info). Every rank memory-maps the
+    prepared blocks. Normally the front end prepared them before the launch; if not, local rank 0
+    of each node prepares them while the node's other ranks poll for the finished cache file. No
+    rank waits in a collective, so a long preparation cannot trip train.timeout_s."""
+    import os
+
+    from ds_upcycle.data import BlockSampler, eval_batches, open_blocks, run_cache_dir, run_sources, split_train_eval
     from ds_upcycle.loading import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.model.path)
-    out = Path(cfg.train.output_dir)
-    cache_dir = Path(cfg.data.cache_dir) if cfg.data.cache_dir else out.parent / ".cache" / "tokens"
-    # Enough blocks that a streamed corpus never wraps: the run's batches plus the held-out share.
-    needed = math.ceil(cfg.train.steps * derived.global_batch / (1 - cfg.data.eval_fraction)) + 1
-    with rank0_first(rank):
-        writer = rank == 0
-        if cfg.data.train:
-            blocks, info = load_blocks(cfg.data.train, "data.train", tokenizer, cfg.data, cache_dir, writer)
-        else:
-            blocks, info = load_hub_blocks(cfg.data, tokenizer, needed, cache_dir, writer)
-        if cfg.data.eval:
-            train_blocks = blocks
-            held_out, _ = load_blocks(cfg.data.eval, "data.eval", tokenizer, cfg.data, cache_dir, writer)
-        else:
-            train_blocks, held_out = split_train_eval(blocks, cfg.data.eval_fraction)
+    cache_dir = run_cache_dir(cfg)
+    train_source, eval_source = run_sources(cfg, derived.global_batch)
+    mode = "write" if int(os.environ.get("LOCAL_RANK", rank)) == 0 else "wait"
+    missing = [s.field for s in (train_source, eval_source) if s and not s.prepared(tokenizer, cfg.data, cache_dir)]
+    if missing and rank == 0:
+        log.info(
+            "data: %s not prepared in %s: local rank 0 prepares it while the other ranks wait for the file "
+            "(outside any collective, so train.timeout_s does not apply)", ", ".join(missing), cache_dir,
+        )  # fmt: skip
+    blocks, info = open_blocks(train_source, tokenizer, cfg.data, cache_dir, mode, progress=rank == 0)
+    if eval_source is not None:
+        train_blocks = blocks
+        held_out, _ = open_blocks(eval_source, tokenizer, cfg.data, cache_dir, mode, progress=rank == 0)
+    else:
+        train_blocks, held_out = split_train_eval(blocks, cfg.data.eval_fraction)
+    if cfg.data.hub_dataset and not cfg.data.train:
+        info.update(hub_dataset=cfg.data.hub_dataset, split=cfg.data.hub_split, streaming=cfg.data.streaming)
     if info.get("skipped") and rank == 0:
         log.warning("skipped %d malformed records (data.skip_bad_records=true)", info["skipped"])
     sampler = BlockSampler(len(train_blocks), derived.micro, derived.accum, world, rank, cfg.train.seed)

@@ -4,6 +4,8 @@
     ds-upcycle bench block                         # MoE block vs dense MLP vs HF Mixtral block
     ds-upcycle bench step                          # training step, upcycled vs dense, 1 and 2 CPU ranks
     ds-upcycle bench gpu                           # the same on one GPU, bf16 (benchmarks/gpu_h200.sh)
+    ds-upcycle bench prepare --corpus-mb 10 40     # data preparation: seconds and peak RSS vs size, num_proc
+    ds-upcycle bench sampler                       # seconds per step choosing blocks at 12M blocks
 
 Every run records the machine, software versions, shapes and repeats. Timings are medians;
 nothing here is asserted in tests except the memory bound of the streaming conversion.
@@ -333,6 +335,112 @@ def train_compare(
     return rows
 
 
+# --------------------------------------------------------------------------------------------
+# Data: preparation time and memory vs corpus size and num_proc; the sampler's cost per step
+# --------------------------------------------------------------------------------------------
+
+_PREPARE_CHILD = """
+import json, os, sys, threading, time
+from pathlib import Path
+import psutil
+from ds_upcycle.config import DataConfig
+from ds_upcycle.data import load_blocks
+from ds_upcycle.loading import load_tokenizer
+
+tok, me = load_tokenizer(sys.argv[1]), psutil.Process()
+def uss(p):  # memory only this (forked) worker holds: its RSS would count the parent's shared pages again
+    try:
+        return p.memory_full_info().uss
+    except psutil.Error:  # a worker that just exited
+        return 0
+base, peak_main, peak_tree, done = me.memory_info().rss, [0], [0], []
+def sample():  # this process alone, and with its worker processes
+    while not done:
+        main = me.memory_info().rss
+        peak_main[0] = max(peak_main[0], main)
+        peak_tree[0] = max(peak_tree[0], main + sum(uss(c) for c in me.children(recursive=True)))
+        time.sleep(0.02)
+th = threading.Thread(target=sample, daemon=True); th.start()
+cfg = DataConfig(seq_len=int(sys.argv[5]), num_proc=int(sys.argv[3]))
+t, c = time.perf_counter(), os.times()
+blocks, info = load_blocks([sys.argv[2]], "data.train", tok, cfg, Path(sys.argv[4]))
+dt, c2 = time.perf_counter() - t, os.times()
+done.append(1); th.join()
+cpu = sum(c2[:4]) - sum(c[:4])  # user + system, this process and its (finished) workers
+print(json.dumps({"seconds": dt, "cpu_seconds": cpu, "blocks": len(blocks), "rss_base": base,
+                  "rss_peak": peak_main[0], "rss_peak_with_workers": peak_tree[0]}))
+"""
+
+
+def write_corpus(path: Path, megabytes: float) -> int:
+    """A .txt corpus of about ``megabytes`` MB: the tiny grammar's documents, rotated so no two
+    copies align. Returns its bytes."""
+    from ds_upcycle.tools.tiny import synthetic_corpus
+
+    docs = synthetic_corpus(4000, seed=1)
+    chunk = "\n\n".join(docs)
+    with open(path, "w") as f:
+        for i in range(max(1, round(megabytes * 1e6 / len(chunk)))):
+            f.write("\n\n".join(docs[i % 97 :] + docs[: i % 97]) + "\n\n")
+    return path.stat().st_size
+
+
+def prepare_bench(
+    sizes_mb: list[float], procs: list[int], tokenizer: Path | None, seq_len: int, work: Path
+) -> list[dict]:
+    """`ds-upcycle prepare-data`'s path (ds_upcycle.data.load_blocks), each preparation in a fresh
+    process sampling its resident memory every 20 ms, and that plus its workers' own (unique) memory."""
+    from ds_upcycle.tools.tiny import write_tiny_setup
+
+    tok_dir = tokenizer or Path(write_tiny_setup(work / "tiny", n_docs=200)["model"])
+    rows = []
+    for mb in sizes_mb:
+        corpus = work / f"corpus_{mb}.txt"
+        nbytes = write_corpus(corpus, mb)
+        for n in procs:
+            cache = work / f"cache_{mb}_{n}"
+            proc = subprocess.run([sys.executable, "-c", _PREPARE_CHILD, str(tok_dir), str(corpus), str(n), str(cache),
+                                   str(seq_len)], capture_output=True, text=True, check=True)  # fmt: skip
+            r = json.loads(proc.stdout.strip().splitlines()[-1])
+            shutil.rmtree(cache)
+            rows.append({"corpus_mb": nbytes / 1e6, "num_proc": n, "seconds": r["seconds"], "cpu_s": r["cpu_seconds"],
+                         "mb_per_s": nbytes / 1e6 / r["seconds"], "tokens": r["blocks"] * seq_len,
+                         "rss_growth_mib": (r["rss_peak"] - r["rss_base"]) / 2**20,
+                         "peak_rss_mib": r["rss_peak"] / 2**20,
+                         "peak_rss_with_workers_mib": r["rss_peak_with_workers"] / 2**20})  # fmt: skip
+        corpus.unlink()
+    return rows
+
+
+def _old_indices(s, step: int, accum_index: int) -> list[int]:
+    """BlockSampler.indices before the epoch order was kept: a permutation of all blocks per index."""
+    start = ((step * s.accum + accum_index) * s.world + s.rank) * s.micro
+    return [int(s.permutation(pos // s.num_blocks)[pos % s.num_blocks]) for pos in range(start, start + s.micro)]
+
+
+def sampler_bench(num_blocks: int, micro: int, accum: int, world: int, steps: int) -> list[dict]:
+    """Seconds per optimizer step that one rank spends choosing its blocks, before (a permutation
+    per index) and after (one per epoch, kept). Both give the same indices."""
+    from ds_upcycle.data import BlockSampler
+
+    s = BlockSampler(num_blocks, micro, accum, world, rank=0, seed=0)
+    t = time.perf_counter()
+    old = [_old_indices(s, 0, a) for a in range(accum)]
+    before = time.perf_counter() - t
+    t = time.perf_counter()
+    new = [s.indices(0, a) for a in range(accum)]
+    first = time.perf_counter() - t
+    assert new == old, "the kept epoch order must give the indices the permutation gives"
+    t = time.perf_counter()
+    for step in range(1, steps + 1):
+        for a in range(accum):
+            s.indices(step, a)
+    steady = (time.perf_counter() - t) / steps
+    common = {"blocks": num_blocks, "micro": micro, "accum": accum, "world": world}
+    return [{**common, "sampler": "before: a permutation per index", "first_step_s": before, "step_s": before},
+            {**common, "sampler": "after: one permutation per epoch", "first_step_s": first, "step_s": steady}]  # fmt: skip
+
+
 def _active_flop_ratio(shape: dict, moe: MoEConfig, seq_len: int) -> float:
     from transformers import LlamaConfig
 
@@ -377,7 +485,11 @@ def build_parser() -> argparse.ArgumentParser:
         "bf16, ZeRO-2, fused torch AdamW, gradient accumulation 4), MFU against the datasheet peak and "
         "against the measured matmul rate, peak memory measured vs `plan`'s estimate; --smoke runs the same "
         "path on the CPU with a tiny model. preflight: the device, versions, measured matmul rate and the "
-        "gpu benchmark's planned sizes, in seconds.",
+        "gpu benchmark's planned sizes, in seconds. prepare: data preparation "
+        "(read, tokenise with data.num_proc processes, pack to disk) of generated .txt corpora: seconds, MB/s and "
+        "peak RSS against corpus size. sampler: seconds per optimizer step spent choosing blocks at --blocks "
+        "blocks in the paper's layout (micro-batch 1, accumulation 16, 64 ranks), before and after keeping "
+        "each epoch's order.",
     )
     p.add_argument("what", choices=sorted(BENCHES), help="which benchmark")
     p.add_argument("--layers", type=int, default=0, help="step: SmolLM2 shape with N layers (default 30); gpu: 3")
@@ -406,6 +518,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="block: cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="block: dtype (default fp32)")
     p.add_argument("--workdir", default=None, help="conversion/step/gpu: scratch folder (default: a temp folder)")
+    p.add_argument("--corpus-mb", type=float, nargs="+", default=[10, 40],
+                   help="prepare: corpus sizes in MB of text (default 10 40)")  # fmt: skip
+    p.add_argument(
+        "--num-proc", type=int, nargs="+", default=[1, 2], help="prepare: data.num_proc values (default 1 2)"
+    )
+    p.add_argument("--tokenizer", default=None, help="prepare: a model folder whose tokenizer to use (default: tiny's)")
+    p.add_argument("--blocks", type=int, default=12_000_000, help="sampler: blocks in the corpus (default 12M)")
     p.add_argument("--json", default=None, help="JSON output file (default bench_<what>.json)")
     p.add_argument_group("MoE settings", moe_overrides_help() + "; conversion defaults to num_experts=4")
     return p
@@ -493,8 +612,35 @@ def bench_conversion(args, moe: MoEConfig, emit) -> tuple[list[dict], list, dict
     return rows, cols, {"num_experts": moe.num_experts}
 
 
+def bench_prepare(args, moe: MoEConfig, emit) -> tuple[list[dict], list, dict]:
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="ds_upcycle_prepare_"))
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = Path(args.tokenizer) if args.tokenizer else None
+    try:
+        rows = prepare_bench(args.corpus_mb, args.num_proc, tokenizer, 1024, work)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    cols = [("corpus_mb", "corpus MB", ".1f"), ("num_proc", "num_proc", "d"), ("seconds", "seconds", ".1f"),
+            ("cpu_s", "CPU s", ".1f"),
+            ("mb_per_s", "MB/s", ".2f"), ("tokens", "tokens", ",d"), ("rss_growth_mib", "RSS growth MiB", ".0f"),
+            ("peak_rss_mib", "peak RSS MiB", ".0f"), ("peak_rss_with_workers_mib", "+ workers' own MiB", ".0f")]  # fmt: skip
+    return rows, cols, {"tokenizer": str(tokenizer or "tiny (320 ids)"), "seq_len": 1024}
+
+
+PAPER_LAYOUT = {"micro": 1, "accum": 16, "world": 64}
+"""ds_configs/llama3_8b_paper_*.json on 64 GPUs: 12,000 steps of 64 x 16 blocks of 8192 tokens (~100B) = 12.3M blocks."""
+
+
+def bench_sampler(args, moe: MoEConfig, emit) -> tuple[list[dict], list, dict]:
+    rows = sampler_bench(args.blocks, steps=1000, **PAPER_LAYOUT)
+    cols = [("sampler", "sampler", ""), ("blocks", "blocks", ",d"), ("accum", "accumulation", "d"),
+            ("first_step_s", "first step s", ".4f"), ("step_s", "per step s", ".6f")]  # fmt: skip
+    return rows, cols, {**PAPER_LAYOUT, "steady_steps": 1000}
+
+
 BENCHES = {"conversion": bench_conversion, "block": bench_block, "step": bench_training, "gpu": bench_training,
-           "preflight": bench_preflight}  # fmt: skip
+           "preflight": bench_preflight, "prepare": bench_prepare, "sampler": bench_sampler}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
