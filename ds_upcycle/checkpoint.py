@@ -22,13 +22,17 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from ds_upcycle.distributed import barrier
+
+log = logging.getLogger("ds_upcycle")
 
 LATEST = "latest_complete"
 STATE = "ds_upcycle_state.json"
@@ -80,6 +84,33 @@ def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_com
         atomic_write_text(root / LATEST, tag)
     barrier()
     return folder
+
+
+def prune(root: Path, keep_last: int) -> list[Path]:
+    """Retention, after a complete save: delete the complete checkpoints older than the newest
+    ``keep_last`` (0 keeps all). Never deleted: the one ``latest_complete`` names, and any folder
+    without a manifest (a save in progress, or one cut off). A folder is first renamed out of the
+    ``step_*`` namespace, so a partly deleted one is never taken for a checkpoint; a failed delete is
+    a warning, retried at the next save. Returns the folders deleted."""
+    if keep_last <= 0:
+        return []
+    latest = latest_tag(root)
+    complete = sorted((p for p in root.glob("step_*") if (p / MANIFEST).is_file()), key=lambda p: p.name)
+    doomed = [p for p in complete[:-keep_last] if p.name != latest]
+    deleted = []
+    for folder in doomed:
+        trash = root / f".deleting-{folder.name}"
+        try:
+            folder.rename(trash)
+            deleted.append(folder)
+        except OSError as e:
+            log.warning("retention: could not delete %s (%s); it is kept", folder, e)
+    for trash in root.glob(".deleting-step_*"):  # this save's, and any an earlier failure left
+        try:
+            shutil.rmtree(trash)
+        except OSError as e:
+            log.warning("retention: could not delete %s (%s); retried after the next save", trash, e)
+    return deleted
 
 
 def latest_tag(root: Path) -> str | None:

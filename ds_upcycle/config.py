@@ -232,6 +232,13 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     """What to do when the loss or grad norm is NaN/Inf: "stop" (keep the last good checkpoint)
     or "skip" (drop that step's update)."""
+    keep_last: int = 3
+    """After each complete save, delete older complete checkpoints beyond the newest N (0: keep all).
+    latest_complete and a checkpoint still being written are never deleted."""
+    preempt_save_timeout_s: float = 120.0
+    """On SIGTERM/SIGINT (or when the launcher is gone) every rank finishes its step and saves; a rank
+    still alive this long after the request exits anyway (exit 124, nothing new saved). Set it a little
+    below the scheduler's grace period (Slurm KillWait, Kubernetes terminationGracePeriodSeconds)."""
 
     def __post_init__(self) -> None:
         _positive("train.steps", self.steps)
@@ -241,6 +248,8 @@ class TrainConfig:
         _non_negative("train.stop_after", self.stop_after)
         _positive("train.timeout_s", self.timeout_s)
         _one_of("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        _non_negative("train.keep_last", self.keep_last)
+        _positive("train.preempt_save_timeout_s", self.preempt_save_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -295,6 +304,14 @@ class DebugConfig:
     """Make the loss NaN at this 0-based step (tests the non-finite guard). -1 disables."""
     inject_crash_in_save_at_step: int = -1
     """Kill rank 0 midway through the save at this step (tests atomic saves). -1 disables."""
+    preempt_save_delay_s: float = 0.0
+    """Sleep this long at the start of a preemption save (tests a second signal during the save)."""
+    step_delay_s: float = 0.0
+    """Sleep this long before every step (lets a test signal a run between two known steps)."""
+
+    def __post_init__(self) -> None:
+        _non_negative("debug.preempt_save_delay_s", self.preempt_save_delay_s)
+        _non_negative("debug.step_delay_s", self.step_delay_s)
 
 
 SECTIONS: dict[str, type] = {

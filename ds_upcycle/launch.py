@@ -6,7 +6,9 @@ tests) starts a training run: validate, launch, and read the run's summary back.
 User strings are passed as an argument list, never through a shell. Hostfiles are checked
 before any process starts. DeepSpeed's CPU comm op leaves a ~69 MB
 /dev/shm/deepspeed_allreduce_buffer_* file per (master port, rank) and never removes it
-(deepspeed/ops/csrc/cpu/comm/shm.cpp); :func:`run_launcher` removes the ones its run created.
+(deepspeed/ops/csrc/cpu/comm/shm.cpp); :func:`run_launcher` removes the ones its run created and
+stale ones of its port. Signals, orphans and the wait for every process of the run:
+``ds_upcycle.lifecycle``.
 """
 
 from __future__ import annotations
@@ -17,8 +19,12 @@ import os
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from ds_upcycle import lifecycle
+from ds_upcycle.errors import EXIT_PREEMPTED
 
 _HOST_LINE = re.compile(r"^\s*(\S+)\s+slots=(\d+)\s*$")
 
@@ -94,27 +100,38 @@ def launcher_cmd(
     return cmd + ["--module", module, *args]
 
 
-def _shm_files() -> set[Path]:
-    shm = Path("/dev/shm")
-    return set(shm.glob("deepspeed_*")) if shm.is_dir() else set()
-
-
 @contextlib.contextmanager
 def shm_cleanup():
     """Remove the /dev/shm/deepspeed_* files created while the block runs (DeepSpeed's CPU comm op
-    never does)."""
-    before = _shm_files()
+    never does), except those a live process still holds (another run's)."""
+    before = lifecycle.shm_buffers()
     try:
         yield
     finally:
-        for f in _shm_files() - before:
-            f.unlink(missing_ok=True)
+        lifecycle.remove_unheld(lifecycle.shm_buffers() - before)
 
 
-def run_launcher(cmd: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """Run a launcher command (no shell); remove the /dev/shm files this run created."""
+def _master_port(cmd: list[str]) -> int:
+    """The launcher's --master_port (deepspeed/launcher/runner.py defaults it to 29500)."""
+    for i, a in enumerate(cmd[:-1]):
+        if a == "--master_port":
+            return int(cmd[i + 1])
+    return 29500
+
+
+def run_launcher(
+    cmd: list[str], env: dict | None = None, *, capture_output: bool = False, text: bool = False,
+    timeout: float | None = None, cwd: str | Path | None = None, grace_s: float = 150.0,
+) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run a launcher command (no shell) until every process of its run has exited
+    (:func:`ds_upcycle.lifecycle.supervise`: signals, orphans, ``grace_s``); remove stale /dev/shm
+    buffers of its port first and the ones this run created after."""
+    lifecycle.remove_stale_shm(_master_port(cmd))
     with shm_cleanup():
-        return subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, **kwargs)
+        return lifecycle.supervise(
+            cmd, {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=cwd, capture=capture_output, text=text,
+            timeout=timeout, grace_s=grace_s,
+        )  # fmt: skip
 
 
 def launch_module(
@@ -137,6 +154,8 @@ class TrainingRun:
     stderr: str = ""
     summary: dict | None = None
     """The run's summary.json (None when the run failed)."""
+    preempted: dict | None = None
+    """How a stopped run ended (reason, step, checkpoint; lifecycle.PREEMPTED), or None."""
 
     @property
     def output(self) -> str:
@@ -158,11 +177,15 @@ def run_training(
     path = resolve_config(config).resolve()
     cfg = load_run_config(path, overrides)
     validate(cfg, world_size(num_gpus, hostfile))
+    started = time.time()
     proc = launch_module(
         "ds_upcycle.train", [str(path), *overrides], num_gpus=num_gpus, hostfile=hostfile, master_port=master_port,
         env=env, capture_output=capture, text=True, timeout=timeout, cwd=cwd,
+        grace_s=cfg.train.preempt_save_timeout_s + 30,
     )  # fmt: skip
     out = Path(cwd or ".") / cfg.train.output_dir
     summary_file = out / "summary.json"
     summary = json.loads(summary_file.read_text()) if proc.returncode == 0 and summary_file.is_file() else None
-    return TrainingRun(proc.returncode, out, proc.stdout or "", proc.stderr or "", summary)
+    preempted = lifecycle.read_preempted(out, since=started)
+    returncode = EXIT_PREEMPTED if preempted else proc.returncode  # launch.py's own exit code may be 1
+    return TrainingRun(returncode, out, proc.stdout or "", proc.stderr or "", summary, preempted)
