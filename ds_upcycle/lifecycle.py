@@ -57,14 +57,21 @@ _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 _LAUNCHER_MODULES = ("deepspeed.launcher.launch", "deepspeed.launcher.runner")
 
 
+def _libc_prctl():
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return None
+
+
+_PRCTL = _libc_prctl()  # looked up once here: a preexec_fn should not load libraries after fork
+
+
 def set_parent_death_signal(sig: int) -> bool:
     """Have the kernel send ``sig`` to this process when its parent dies (Linux
     ``prctl(PR_SET_PDEATHSIG)``; it survives execve, so a preexec_fn sets it for a launched program).
     False where unsupported."""
-    try:
-        return ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
+    return _PRCTL is not None and _PRCTL(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
 
 
 def _say(message: str) -> None:
@@ -257,6 +264,8 @@ class _Run:
         """When the run must be over (set by a stop); everything left then is killed."""
         self.overran = False
         self.forwarded: set[psutil.Process] = set()
+        self.runner_signalled = False
+        self.pending: list[int] = []
 
     def discover(self) -> None:
         queue = list(self.procs)
@@ -289,15 +298,14 @@ class _Run:
                 p.kill()
 
     def on_signal(self, signum: int) -> None:
+        """The signal handler: only records it (it may interrupt poll() itself); poll() acts."""
+        self.pending.append(signum)
+
+    def _act(self, signum: int) -> None:
         name = signal.Signals(signum).name
         if self.stop_signal is None:
             self.stop_signal = signum
             self.deadline = time.monotonic() + self.grace_s
-            self.discover()
-            if self.alive("rank"):
-                self.forward(signum)
-            elif self.runner.poll() is None:
-                self.runner.send_signal(signum)  # no local ranks (multi-host): the pdsh runner forwards it
             _say(
                 f"{name}: every rank finishes its current step, saves a checkpoint and exits "
                 f"(train.preempt_save_timeout_s); send {name} again to stop at once without saving"
@@ -308,11 +316,14 @@ class _Run:
             _say(f"second {name}: killed every process of the run; nothing new was saved")
 
     def poll(self) -> None:
-        """Periodic work: new processes, ranks that appeared after a stop, the deadline."""
+        """Periodic work: signals received, new processes, forwarding a stop, the deadline."""
         self.discover()
+        while self.pending:
+            self._act(self.pending.pop(0))
         now = time.monotonic()
         if self.stop_signal is not None:
             self.forward(self.stop_signal)
+            self._signal_remote_launcher()
         if self.runner.poll() is not None and self.alive("launch", "rank") and self.deadline == float("inf"):
             # The runner is gone but the run is not (someone signalled it): the ranks' watchdogs stop
             # them; give them the save's time.
@@ -320,6 +331,23 @@ class _Run:
         if now > self.deadline and self.alive():
             self.overran = True
             self.kill_all()
+
+    def _signal_remote_launcher(self) -> None:
+        """Ranks on other hosts (pdsh, mpirun) are out of reach: signal the runner, whose own handler
+        stops them (deepspeed/launcher/runner.py, sigkill_handler). Only when it runs such a child
+        and no local launch.py (a child younger than 1 s may be launch.py before its exec)."""
+        if self.runner_signalled or self.runner.poll() is not None or self.alive("launch", "rank"):
+            return
+        try:
+            children = psutil.Process(self.runner.pid).children()
+            remote = any(
+                "deepspeed.launcher.launch" not in _cmdline(c) and time.time() - c.create_time() > 1 for c in children
+            )
+        except psutil.Error:
+            return
+        if remote:
+            self.runner_signalled = True
+            self.runner.send_signal(self.stop_signal)
 
     def returncode(self, runner_rc: int, outlived: bool) -> int:
         if self.abort_signal is not None:
