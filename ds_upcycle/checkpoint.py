@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable
@@ -100,6 +101,36 @@ def _clear_for_save(folder: Path) -> None:
         log.warning("checkpoint %s already existed complete; moved it aside to %s", folder, aside)
     elif folder.exists():
         shutil.rmtree(folder)
+
+
+def prune(root: Path, keep_last: int) -> list[Path]:
+    """Retention, after a complete save: delete the complete checkpoints older than the newest
+    ``keep_last`` (0 keeps all). Never deleted: the one ``latest_complete`` names, and any folder
+    without a manifest (a save in progress, or one cut off). A folder is first renamed out of the
+    ``step_*`` namespace, so a partly deleted one is never taken for a checkpoint; a failed delete is
+    a warning, retried at the next save. Returns the folders deleted."""
+    if keep_last <= 0:
+        return []
+    latest = latest_tag(root)
+    complete = sorted(
+        (p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and (p / MANIFEST).is_file()),
+        key=lambda p: p.name,
+    )  # step_N.superseded-* folders (moved aside by a save) are the user's to delete
+    doomed = [p for p in complete[:-keep_last] if p.name != latest]
+    deleted = []
+    for folder in doomed:
+        trash = root / f".deleting-{folder.name}"
+        try:
+            folder.rename(trash)
+            deleted.append(folder)
+        except OSError as e:
+            log.warning("retention: could not delete %s (%s); it is kept", folder, e)
+    for trash in root.glob(".deleting-step_*"):  # this save's, and any an earlier failure left
+        try:
+            shutil.rmtree(trash)
+        except OSError as e:
+            log.warning("retention: could not delete %s (%s); retried after the next save", trash, e)
+    return deleted
 
 
 def latest_tag(root: Path) -> str | None:

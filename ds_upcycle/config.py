@@ -307,6 +307,13 @@ class TrainConfig:
     on_nonfinite: str = "stop"
     """What to do when the loss or grad norm is NaN/Inf: "stop" (keep the last good checkpoint)
     or "skip" (drop that step's update)."""
+    keep_last: int = 3
+    """After each complete save, delete older complete checkpoints beyond the newest N (0: keep all).
+    latest_complete and a checkpoint still being written are never deleted."""
+    preempt_save_timeout_s: float = 120.0
+    """On SIGTERM/SIGINT (or when the launcher is gone) every rank finishes its step and saves; a rank
+    still alive this long after the request exits anyway (exit 124, nothing new saved). Set it a little
+    below the scheduler's grace period (Slurm KillWait, Kubernetes terminationGracePeriodSeconds)."""
 
     def __post_init__(self) -> None:
         _positive("train.steps", self.steps)
@@ -316,6 +323,8 @@ class TrainConfig:
         _non_negative("train.stop_after", self.stop_after)
         _positive("train.timeout_s", self.timeout_s)
         _one_of("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
+        _non_negative("train.keep_last", self.keep_last)
+        _positive("train.preempt_save_timeout_s", self.preempt_save_timeout_s)
 
 
 @dataclass(frozen=True)
@@ -378,6 +387,15 @@ class DebugConfig:
     report_env: list[str] = field(default_factory=list)
     """Environment variables each rank records in <output_dir>/ranks/ (tests: what reached the
     ranks of remote hosts). Never list secrets."""
+
+    preempt_save_delay_s: float = 0.0
+    """Sleep this long at the start of a preemption save (tests a second signal during the save)."""
+    step_delay_s: float = 0.0
+    """Sleep this long before every step (lets a test signal a run between two known steps)."""
+
+    def __post_init__(self) -> None:
+        _non_negative("debug.preempt_save_delay_s", self.preempt_save_delay_s)
+        _non_negative("debug.step_delay_s", self.step_delay_s)
 
 
 SECTIONS: dict[str, type] = {

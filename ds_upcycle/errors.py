@@ -51,6 +51,21 @@ def os_message(e: OSError) -> str:
     return f"{e.strerror or e}{where}"
 
 
+EXIT_PREEMPTED = 75
+"""Stopped by SIGTERM/SIGINT (or a lost launcher) after a step, with a complete checkpoint of that
+step: resume with ``--train.resume=true``. 75 is EX_TEMPFAIL of sysexits.h: "try again later"."""
+
+EXIT_PREEMPT_TIMEOUT = 124
+"""Stopped, but the save did not finish within ``train.preempt_save_timeout_s``: the previous
+complete checkpoint stays ``latest_complete``."""
+
+
+class PreemptedError(RunError):
+    """A signal (or the loss of the launcher) stopped the run after a step, which was saved."""
+
+    exit_code = EXIT_PREEMPTED
+
+
 def run_guarded(main: Callable[[list[str]], int], argv: list[str]) -> int:
     """Call a ``main(argv) -> int``; user errors become one line on stderr and their exit code."""
     try:

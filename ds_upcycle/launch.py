@@ -6,17 +6,19 @@ tests) starts a training run: validate, launch, and read the run's summary back.
 User strings are passed as an argument list, never through a shell. Hostfiles are checked
 before any process starts. DeepSpeed's CPU comm op leaves a ~69 MB
 /dev/shm/deepspeed_allreduce_buffer_* file per (master port, rank) and never removes it
-(deepspeed/ops/csrc/cpu/comm/shm.cpp); :func:`run_launcher` removes the ones its run created.
+(deepspeed/ops/csrc/cpu/comm/shm.cpp); :func:`run_launcher` removes the ones its run created and
+stale ones of its port. Signals, orphans and the wait for every process of a run on one host:
+``ds_upcycle.lifecycle``.
 
 Across hosts (a hostfile naming other hosts) DeepSpeed's runner starts every host's
 ``deepspeed.launcher.launch`` through pdsh, i.e. through a remote shell (multinode_runner.py,
 ``PDSHRunner``), which strips quotes from arguments. So the front end never hands the run's
 settings to the ranks as arguments: it writes the resolved config into ``<output_dir>/launch.json``
 and the ranks read that one file (:func:`write_launch_file`, :func:`read_launch_file`). It also
-checks every host over ssh before anything starts (:func:`check_hosts`) and supervises the job:
-when one host's launcher fails and another keeps running (a stopped or hung rank never ends, and
-pdsh waits for it), it stops what is left of the run by the PIDs the ranks recorded
-(:func:`record_rank`, :func:`stop_ranks`).
+checks every host over ssh before anything starts (:func:`check_hosts`) and supervises the job
+(:func:`supervise_hosts`): when one host's launcher fails and another keeps running (a stopped or
+hung rank never ends, and pdsh waits for it), it stops what is left of the run by the PIDs the ranks
+recorded (:func:`record_rank`, :func:`stop_ranks`).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from ds_upcycle.config import RunConfig
+
+from ds_upcycle import lifecycle
+from ds_upcycle.errors import EXIT_PREEMPTED
 
 _HOST_LINE = re.compile(r"^\s*(\S+)\s+slots=(\d+)\s*$")
 MAX_SLOTS = 1024
@@ -142,27 +147,38 @@ def launcher_cmd(
     return cmd + ["--module", module, *args]
 
 
-def _shm_files() -> set[Path]:
-    shm = Path("/dev/shm")
-    return set(shm.glob("deepspeed_*")) if shm.is_dir() else set()
-
-
 @contextlib.contextmanager
 def shm_cleanup():
     """Remove the /dev/shm/deepspeed_* files created while the block runs (DeepSpeed's CPU comm op
-    never does)."""
-    before = _shm_files()
+    never does), except those a live process still holds (another run's)."""
+    before = lifecycle.shm_buffers()
     try:
         yield
     finally:
-        for f in _shm_files() - before:
-            f.unlink(missing_ok=True)
+        lifecycle.remove_unheld(lifecycle.shm_buffers() - before)
 
 
-def run_launcher(cmd: list[str], env: dict | None = None, **kwargs) -> subprocess.CompletedProcess:
-    """Run a launcher command (no shell); remove the /dev/shm files this run created."""
+def _master_port(cmd: list[str]) -> int:
+    """The launcher's --master_port (deepspeed/launcher/runner.py defaults it to 29500)."""
+    for i, a in enumerate(cmd[:-1]):
+        if a == "--master_port":
+            return int(cmd[i + 1])
+    return 29500
+
+
+def run_launcher(
+    cmd: list[str], env: dict | None = None, *, capture_output: bool = False, text: bool = False,
+    timeout: float | None = None, cwd: str | Path | None = None, grace_s: float = 150.0,
+) -> subprocess.CompletedProcess:  # fmt: skip
+    """Run a launcher command (no shell) until every process of its run has exited
+    (:func:`ds_upcycle.lifecycle.supervise`: signals, orphans, ``grace_s``); remove stale /dev/shm
+    buffers of its port first and the ones this run created after."""
+    lifecycle.remove_stale_shm(_master_port(cmd))
     with shm_cleanup():
-        return subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, **kwargs)
+        return lifecycle.supervise(
+            cmd, {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}, cwd=cwd, capture=capture_output, text=text,
+            timeout=timeout, grace_s=grace_s,
+        )  # fmt: skip
 
 
 def launch_module(
@@ -478,7 +494,7 @@ class MultiHostJob:
         return "ds-upcycle: the multi-host job failed: " + "; ".join(lines) + "\n"
 
 
-def supervise(
+def supervise_hosts(
     cmd: list[str], job: MultiHostJob, *, capture: bool, timeout: float | None, cwd: str | Path | None
 ) -> tuple[int, str, str]:
     """Run a multi-host launcher command: (returncode, stdout, stderr) with the output kept when
@@ -537,6 +553,8 @@ class TrainingRun:
     processes it stopped); also printed, or appended to ``stderr`` when captured."""
     failure: dict | None = None
     """The earliest failure record a rank left (ds_upcycle.errors.first_failure), when it failed."""
+    preempted: dict | None = None
+    """How a stopped run ended (reason, step, checkpoint; lifecycle.PREEMPTED), or None."""
 
     @property
     def output(self) -> str:
@@ -600,16 +618,20 @@ def run_training(
     prepare_data(cfg, derived.global_batch, cwd, progress=not capture)  # a bad data file fails here, not in ranks
     shutil.rmtree(out / FAILURES, ignore_errors=True)  # an earlier launch's records
     write_launch_file(out, cfg, path, overrides, forwarded_env(full_env))
+    started = time.time()
     note = ""
     if multi:
         job = MultiHostJob(hosts, ssh_port, out, marker, full_env)
         with shm_cleanup():
-            returncode, stdout, stderr = supervise(cmd, job, capture=capture, timeout=timeout, cwd=cwd)
+            returncode, stdout, stderr = supervise_hosts(cmd, job, capture=capture, timeout=timeout, cwd=cwd)
         note = job.note() if returncode != 0 else ""
     else:
-        proc = run_launcher(cmd, env=full_env, capture_output=capture, text=True, timeout=timeout, cwd=cwd)
+        proc = run_launcher(cmd, env=full_env, capture_output=capture, text=True, timeout=timeout, cwd=cwd,
+                            grace_s=cfg.train.preempt_save_timeout_s + 30)  # fmt: skip
         returncode, stdout, stderr = proc.returncode, proc.stdout or "", proc.stderr or ""
     summary_file = out / "summary.json"
     summary = json.loads(summary_file.read_text()) if returncode == 0 and summary_file.is_file() else None
-    failure = first_failure(out) if returncode != 0 else None
-    return TrainingRun(returncode, out, stdout, stderr, summary, note, failure)
+    preempted = lifecycle.read_preempted(out, since=started)
+    returncode = EXIT_PREEMPTED if preempted else returncode  # launch.py's own exit code may be 1
+    failure = first_failure(out) if returncode not in (0, EXIT_PREEMPTED) else None
+    return TrainingRun(returncode, out, stdout, stderr, summary, note, failure, preempted)

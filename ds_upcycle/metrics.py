@@ -339,7 +339,14 @@ class RunLogger:
                 import wandb
 
                 payload.update({k: wandb.Image(v) for k, v in images.items()})
-            self.run.log(payload, step=step)
+            try:
+                self.run.log(payload, step=step)
+            except Exception as e:  # e.g. its service process was signalled (deepspeed launch.py's
+                # terminate_process_tree signals a rank's children too); metrics.jsonl keeps everything
+                log.warning(
+                    "W&B failed (%s: %s); logging to metrics.jsonl only from step %d", type(e).__name__, e, step
+                )
+                self.run = None
 
     def alert(self, title: str, text: str) -> None:
         """A warning on the console and, once per title, a W&B alert."""
@@ -361,7 +368,10 @@ class RunLogger:
         if self.active:
             self.jsonl.close()
             if self.run is not None:
-                self.run.finish()
+                try:
+                    self.run.finish()
+                except Exception as e:  # as in log(): the run's files are on disk; metrics.jsonl is complete
+                    log.warning("W&B finish failed (%s: %s)", type(e).__name__, e)
 
 
 def _run_id(out_dir: Path) -> str:

@@ -21,6 +21,8 @@ import argparse
 import json
 import logging
 import math
+import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -30,10 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from ds_upcycle import checkpoint
+from ds_upcycle import checkpoint, lifecycle
 from ds_upcycle.config import RunConfig, load_run_config
 from ds_upcycle.distributed import all_mean, any_rank
-from ds_upcycle.errors import NonFiniteError, run_guarded
+from ds_upcycle.errors import NonFiniteError, PreemptedError, RunError, run_guarded
 from ds_upcycle.preflight import Derived, holds_run, move_aside, validate
 
 log = logging.getLogger("ds_upcycle")
@@ -426,6 +428,8 @@ def save(t: Trainer, done: int) -> None:
     state = {"data_position": {"next_step": done}, "config": t.cfg.to_dict()}
     crash = done == t.cfg.debug.inject_crash_in_save_at_step
     checkpoint.save(t.engine, t.ckpt_root, done, state, t.rank, crash)
+    if t.rank == 0:
+        checkpoint.prune(t.ckpt_root, t.cfg.train.keep_last)
 
 
 def resume(t: Trainer) -> int:
@@ -445,6 +449,33 @@ def stop_nonfinite(t: Trainer, why: str) -> None:
     raise NonFiniteError(
         f"{why}; stopped without saving (last complete checkpoint: "
         f"{checkpoint.latest_tag(t.ckpt_root) or 'none'}). Lower the learning rate or set train.on_nonfinite=skip"
+    )
+
+
+def stop_requested(t: Trainer, guard: lifecycle.RankGuard | None) -> bool:
+    """Collective, after every step: True on every rank once any rank was asked to stop."""
+    if guard is None or not any_rank(guard.requested):
+        return False
+    guard.request("another rank's stop request")
+    return True
+
+
+def preempt(t: Trainer, done: int, guard: lifecycle.RankGuard) -> None:
+    """Save step ``done`` on every rank (a second signal during the save ends the rank at once),
+    leave the marker the front end reports, and stop with EXIT_PREEMPTED."""
+    if t.rank == 0:
+        log.info("stopping after step %d (%s): saving a checkpoint", done, guard.reason)
+    with guard.saving():
+        time.sleep(t.cfg.debug.preempt_save_delay_s)
+        save(t, done)
+    tag = checkpoint.latest_tag(t.ckpt_root)
+    where = t.ckpt_root / tag if tag else None
+    if t.rank == 0:
+        lifecycle.write_preempted(t.out, {"reason": guard.reason, "step": done, "checkpoint": str(where)})
+    t.logger.finish()
+    raise PreemptedError(
+        f"stopped by {guard.reason} after step {done}/{t.cfg.train.steps}; checkpoint {where} is complete. "
+        "Resume with --train.resume=true"
     )
 
 
@@ -478,9 +509,12 @@ def finish(t: Trainer, start: int, stop: int) -> dict:
     return t.summary
 
 
-def run(cfg: RunConfig) -> dict:
-    """Train one rank. Returns the run summary (the same on every rank)."""
+def run(cfg: RunConfig, guard: lifecycle.RankGuard | None = None) -> dict:
+    """Train one rank. Returns the run summary (the same on every rank). With a ``guard``, a stop
+    request ends the run after the current step with a checkpoint (PreemptedError)."""
     t = build(cfg)
+    if t.rank == 0:
+        (t.out / lifecycle.PREEMPTED).unlink(missing_ok=True)
     start = resume(t) if cfg.train.resume else 0
     stop = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
     if start == 0:
@@ -491,14 +525,18 @@ def run(cfg: RunConfig) -> dict:
             t.logger.log(step0_health, 0)
     t.engine.train()  # from_pretrained returns eval-mode models; resume skips the evals above
     for step in range(start, stop):
+        time.sleep(cfg.debug.step_delay_s)
         result = train_step(t, step)
         if result.nonfinite:
             stop_nonfinite(t, result.nonfinite)
         t.step_seconds.append(result.seconds)
         t.optimizer_seconds.append(result.optimizer_seconds)
         done = step + 1
-        if done % cfg.log.every == 0 or done == stop:
+        stopping = stop_requested(t, guard)
+        if done % cfg.log.every == 0 or done == stop or stopping:
             log_step(t, done, result)
+        if stopping:
+            preempt(t, done, guard)
         if cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != stop:
             log_eval(t, done)
         if cfg.train.save_every and done % cfg.train.save_every == 0 and done != stop:
@@ -539,15 +577,23 @@ def _worker(argv: list[str]) -> int:
     from ds_upcycle.errors import record_failure
     from ds_upcycle.launch import record_rank
 
+    guard = lifecycle.RankGuard().install()  # first: a signal from here on stops after a step
     _setup_logging()
-    cfg = _rank_config(argv)
-    record_rank(cfg)
     try:
-        run(cfg)
-    except BaseException as e:
-        record_failure(Path(cfg.train.output_dir), int(os.environ.get("RANK", "0")), e)
-        raise
-    shutdown_distributed()
+        cfg = _rank_config(argv)
+        guard.deadline_s = cfg.train.preempt_save_timeout_s
+        record_rank(cfg)
+        try:
+            run(cfg, guard)
+        except BaseException as e:
+            if not isinstance(e, PreemptedError):  # a stop that saved is not a failure
+                record_failure(Path(cfg.train.output_dir), int(os.environ.get("RANK", "0")), e)
+            if isinstance(e, RunError):  # every rank raises it at the same point: end the group cleanly
+                shutdown_distributed()
+            raise
+        shutdown_distributed()
+    finally:
+        lifecycle.remove_own_shm_buffer()
     return 0
 
 
@@ -572,7 +618,11 @@ def build_parser() -> argparse.ArgumentParser:
         "override the file (sections: model, moe, data, train, log, debug; --ds.KEY.PATH=V edits the "
         "DeepSpeed part).",
         epilog="examples: ds-upcycle train cpu_debug_zero2_ep2 --num-gpus 2 --train.steps=20; across hosts: "
-        "ds-upcycle train CONFIG --hostfile hostfiles/two_nodes.example --master-addr node-1 (README, Multiple nodes)",
+        "ds-upcycle train CONFIG --hostfile hostfiles/two_nodes.example --master-addr node-1 (README, Multiple nodes). "
+        "SIGTERM or Ctrl-C: every rank finishes its step, saves it and exits (exit 75; resume with "
+        "--train.resume=true); a second one stops at once without saving (exit 128 + signal). Exit 124: the save "
+        "did not finish within train.preempt_save_timeout_s. Exit 3: NaN/Inf loss. Exit 2: a user error. "
+        "Exit 4: no space left or an unwritable path.",
     )
     p.add_argument("config", help="a run config file, or a shipped config's name (e.g. cpu_debug_zero2_ep2)")
     p.add_argument(
@@ -593,17 +643,33 @@ def main(argv: list[str] | None = None) -> int:
     """ds-upcycle train CONFIG [--num-gpus N | --hostfile F [--master-addr A] [--ssh-port P]] [--section.key=value ...]"""
     from ds_upcycle.launch import run_training
 
-    args, overrides = build_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, overrides = build_parser().parse_known_args(argv)
     result = run_training(
         args.config, overrides, num_gpus=args.num_gpus, hostfile=args.hostfile, master_port=args.master_port,
         master_addr=args.master_addr, ssh_port=args.ssh_port,
     )  # fmt: skip
-    if result.returncode != 0:
-        print(f"error: {failure_message(result)}", file=sys.stderr)
+    resume = shlex.join(["ds-upcycle", "train", *(a for a in argv if not a.startswith("--train.resume=")),
+                         "--train.resume=true"])  # fmt: skip
+    if result.preempted:
+        p = result.preempted
+        print(
+            f"stopped by {p['reason']} after step {p['step']}; checkpoint {p['checkpoint']} is complete "
+            f"(exit {result.returncode}). Resume with:\n  {resume}",
+            file=sys.stderr,
+        )
+    elif result.returncode in (128 + signal.SIGTERM, 128 + signal.SIGINT):
+        print(
+            f"stopped at once by a second signal (exit {result.returncode}); nothing new was saved. Resume from the "
+            f"last complete checkpoint with:\n  {resume}",
+            file=sys.stderr,
+        )
+    elif result.returncode != 0:
+        print(f"error: {failure_message(result, resume)}", file=sys.stderr)
     return result.returncode
 
 
-def failure_message(result) -> str:
+def failure_message(result, resume: str = "ds-upcycle train ... --train.resume=true") -> str:
     """The front end's last line for a failed run: the rank that failed first and its own message,
     and the way on (resume only when there is a checkpoint and the cause was not the config)."""
     failure = result.failure
@@ -621,7 +687,7 @@ def failure_message(result) -> str:
     if failure is not None and failure["user_error"]:
         return what + ". Fix the configuration and start again"
     if latest:
-        return what + f". Complete checkpoints are kept (latest: {latest}); resume with --train.resume=true"
+        return what + f". Complete checkpoints are kept (latest: {latest}); resume with:\n  {resume}"
     return what + ". No complete checkpoint was written yet; start again once the cause is fixed"
 
 
