@@ -55,13 +55,19 @@ def expert_parallel_rank(ep_size: int) -> int:
     return 0
 
 
+ZEROS_JITTER_STD = 1e-6
+"""Std of the seeded jitter of router_init "zeros". Exactly zero logits tie, and argmax breaks ties
+towards the lowest index (deepspeed/moe/sharded_moe.py top2gating), so every token would go to
+experts 0..k-1. With the jitter the choice depends on the token, spread over the experts, while the
+router probabilities stay uniform to about 1e-6 x |x|."""
+
+
 def router_init(cfg: MoEConfig, layer: int, hidden_size: int) -> torch.Tensor:
     """The router weight [E, D] for one layer: a pure function of (seed, layer), so it is
     identical on every rank without a broadcast."""
-    if cfg.router_init == "zeros":
-        return torch.zeros(cfg.num_experts, hidden_size)
     gen = torch.Generator().manual_seed(cfg.seed * 100_003 + layer)
-    return torch.randn(cfg.num_experts, hidden_size, generator=gen) * cfg.router_init_std
+    std = ZEROS_JITTER_STD if cfg.router_init == "zeros" else cfg.router_init_std
+    return torch.randn(cfg.num_experts, hidden_size, generator=gen) * std
 
 
 def _add_expert_noise(expert: nn.Module, cfg: MoEConfig, layer: int, global_expert: int) -> None:
