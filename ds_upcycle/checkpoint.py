@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -125,8 +126,10 @@ def _part_name(rank: int) -> str:
     return f"{PART_PREFIX}{rank:05d}.json"
 
 
-def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_commit: bool = False) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder.
+def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_commit: bool = False) -> dict:
+    """Collective: every rank calls it. Returns the checkpoint folder and what the commit cost this
+    rank: the bytes it hashed (its own files), the seconds that took, and the seconds from its last
+    file written to the commit done (hashing, waiting for the other ranks, rank 0's merge).
 
     crash_before_commit (a debug hook for tests) kills rank 0 after the files are written and
     before the manifest and the latest pointer: what a save interrupted midway leaves behind.
@@ -145,7 +148,9 @@ def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_com
     if rank == 0:
         atomic_write_text(folder / STATE, json.dumps({"step": step, **state}, indent=2))
         mine.append(folder / STATE)
-    part = {os.path.relpath(p, folder): file_entry(p) for p in mine}  # every rank at once
+    t0 = time.perf_counter()
+    part = {os.path.relpath(p, folder): file_entry(p) for p in mine}  # every rank at once, its own files
+    hash_s = time.perf_counter() - t0
     atomic_write_text(folder / _part_name(rank), json.dumps(part))
     barrier()  # every rank's files and its part of the manifest are on disk
     if crash_before_commit and rank == 0:
@@ -155,7 +160,8 @@ def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_com
         commit(folder, world)
         atomic_write_text(root / LATEST, tag)
     barrier()
-    return folder
+    hashed = sum(e["bytes"] for e in part.values())
+    return {"folder": folder, "hashed_bytes": hashed, "hash_s": hash_s, "commit_s": time.perf_counter() - t0}
 
 
 def commit(folder: Path, world: int) -> dict:

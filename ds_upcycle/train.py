@@ -363,9 +363,7 @@ def train_step(t: Trainer, step: int) -> StepResult:
     norm = math.nan if raw is None else float(raw)
     bad = ""
     if applied and raw is not None and not math.isfinite(norm):
-        bad = (
-            f"gradient norm is NaN/Inf at step {step + 1} and DeepSpeed applied the step (set bf16.check_grad_overflow)"
-        )
+        bad = f"gradient norm is NaN/Inf at step {step + 1} and DeepSpeed applied it (set bf16.check_grad_overflow to true)"
     return StepResult(sums.tolist(), counted, lr, norm, applied, time.perf_counter() - t0, opt_time, bad)
 
 
@@ -473,7 +471,17 @@ def save(t: Trainer, done: int) -> None:
         "counters": dataclasses.asdict(t.counters), "config": t.cfg.to_dict(),
     }  # fmt: skip
     crash = done == t.cfg.debug.inject_crash_in_save_at_step
-    checkpoint.save(t.engine, t.ckpt_root, done, state, t.rank, crash)
+    saved = checkpoint.save(t.engine, t.ckpt_root, done, state, t.rank, crash)
+    size = sum(p.stat().st_size for p in saved["folder"].iterdir() if p.is_file())
+    # rank 0's figures (summary.json is rank 0's)
+    t.summary["last_commit"] = {
+        "step": done,
+        "checkpoint_bytes": size,
+        **{k: v for k, v in saved.items() if k != "folder"},
+    }
+    if t.rank == 0:
+        log.info("saved %s: %.2f GB; this rank hashed its %.2f GB in %.2f s, commit done %.2f s after its last write",
+                 saved["folder"], size / 1e9, saved["hashed_bytes"] / 1e9, saved["hash_s"], saved["commit_s"])  # fmt: skip
 
 
 def resume(t: Trainer) -> int:

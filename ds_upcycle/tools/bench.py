@@ -4,6 +4,7 @@
     ds-upcycle bench block                         # MoE block vs dense MLP vs HF Mixtral block
     ds-upcycle bench step                          # training step, upcycled vs dense, 1 and 2 CPU ranks
     ds-upcycle bench gpu                           # the same on one GPU, bf16 (benchmarks/gpu_h200.sh)
+    ds-upcycle bench commit --sizes 1 2.5          # checkpoint commit: each rank hashing its files vs one rank all
 
 Every run records the machine, software versions, shapes and repeats. Timings are medians;
 nothing here is asserted in tests except the memory bound of the streaming conversion.
@@ -299,6 +300,68 @@ def _active_flop_ratio(shape: dict, moe: MoEConfig, seq_len: int) -> float:
     return plan.train_flops_per_token(moe=True) / plan.train_flops_per_token(moe=False)
 
 
+# --------------------------------------------------------------------------------------------
+# Checkpoint commit
+# --------------------------------------------------------------------------------------------
+
+
+def commit_row(work: Path, size_gb: float, moe: MoEConfig, master_port: int | None) -> dict:
+    """One 2-rank training step of a wide 2-layer model whose checkpoint is about size_gb (experts
+    dominate: 16 bytes per parameter with ZeRO's fp32 copy and Adam moments), saved at the end.
+    parallel: the in-run commit as rank 0 saw it, from its last file written to the commit done
+    (its own hashing, the wait for rank 1's, the merge). serial: one process hashing every file of
+    the folder, as rank 0 did alone before (the others waiting in a collective)."""
+    import dataclasses
+
+    from ds_upcycle import checkpoint
+    from ds_upcycle.launch import run_training
+    from ds_upcycle.tools.tiny import write_tiny_setup
+
+    setup = write_tiny_setup(work / "data")
+    inter = max(128, round(size_gb * 1e9 / (16 * 2 * moe.num_experts * 3 * 256)))
+    shape = dict(hidden_size=256, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=320, max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
+    model = work / "model"
+    write_random_dense(model, shape)
+    for f in Path(setup["model"]).glob("tokenizer*"):
+        shutil.copy(f, model / f.name)
+    out = work / "run"
+    overrides = to_overrides({
+        "model.path": str(model), **{f"moe.{k}": v for k, v in dataclasses.asdict(moe).items()}, "moe.ep_size": 2,
+        "data.train": [setup["train"]], "data.eval": [setup["eval"]], "data.seq_len": 64, "data.eval_batches": 1,
+        "data.cache_dir": str(work / "cache"), "train.steps": 1, "train.save_every": 0, "train.output_dir": str(out),
+        "log.wandb": "disabled", "ds.train_micro_batch_size_per_gpu": 1,
+    })  # fmt: skip
+    result = run_training("cpu_debug_zero2_ep2", overrides, num_gpus=2, master_port=master_port, capture=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"the {size_gb} GB run failed:\n{result.output[-4000:]}")
+    stats = result.summary["last_commit"]
+    files = [p for p in (out / "checkpoints" / checkpoint.tag_for(1)).iterdir() if p.is_file()]
+    t0 = time.perf_counter()
+    for f in files:
+        checkpoint.file_entry(f)
+    serial = time.perf_counter() - t0
+    return {"checkpoint_gb": stats["checkpoint_bytes"] / 1e9, "files": len(files), "serial_s": serial,
+            "parallel_s": stats["commit_s"], "rank0_hashed_gb": stats["hashed_bytes"] / 1e9,
+            "rank0_hash_s": stats["hash_s"], "speedup": serial / stats["commit_s"]}  # fmt: skip
+
+
+def bench_commit(args, moe: MoEConfig) -> tuple[list[dict], list, dict]:
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="ds_upcycle_commit_"))
+    rows = []
+    try:
+        for size in args.sizes:
+            rows.append(commit_row(work / f"s{size}", size, moe, args.master_port))
+            shutil.rmtree(work / f"s{size}", ignore_errors=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    cols = [("checkpoint_gb", "checkpoint GB", ".2f"), ("files", "files", "d"), ("serial_s", "serial s", ".2f"),
+            ("parallel_s", "parallel s", ".2f"), ("speedup", "x faster", ".2f"),
+            ("rank0_hashed_gb", "rank 0 hashed GB", ".2f"), ("rank0_hash_s", "rank 0 hash s", ".2f")]  # fmt: skip
+    return rows, cols, {"ranks": 2, "num_experts": moe.num_experts}
+
+
 def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     out = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -316,7 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
         "and HF's MixtralSparseMoeBlock at the same shapes, interleaved, with each block's time over the "
         "dense MLP's divided by the ideal FLOP ratio (k experts plus the router). step: whole training steps "
         "of a generated model of SmolLM2's shape, dense and upcycled, on 1 CPU rank (ep 1) and 2 (ep 2), the "
-        "optimizer timed apart. gpu: the same on one GPU in bf16 with a ~1.2 B model.",
+        "optimizer timed apart. gpu: the same on one GPU in bf16 with a ~1.2 B model. commit: the checkpoint "
+        "commit of a 2-rank run at the given checkpoint sizes (--sizes, GB): each rank hashing its own files "
+        "(in-run) against one process hashing them all (the former rank-0 design).",
     )
     p.add_argument("what", choices=sorted(BENCHES), help="which benchmark")
     p.add_argument("--layers", type=int, default=0, help="step: SmolLM2 shape with only N layers (default: all 30)")
@@ -324,13 +389,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=4096, help="gpu: tokens per sequence (default 4096)")
     p.add_argument("--micro-batch", type=int, default=4, help="gpu: sequences per step (default 4)")
     p.add_argument("--smoke", action="store_true", help="gpu: run the same path on CPU with a tiny model (a check)")
-    p.add_argument("--master-port", type=int, default=None, help="gpu: rendezvous port")
+    p.add_argument("--master-port", type=int, default=None, help="gpu, commit: rendezvous port")
     p.add_argument(
         "--sizes",
         type=float,
         nargs="+",
         default=[0.5, 2.5],
-        help="conversion: dense checkpoint sizes in GB (default 0.5 2.5)",
+        help="conversion: dense checkpoint sizes in GB; commit: checkpoint sizes in GB (default 0.5 2.5)",
     )
     p.add_argument(
         "--tokens", type=int, nargs="+", default=[512, 2048, 4096], help="block: token counts (default 512 2048 4096)"
@@ -339,7 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="block: cpu or cuda (default cpu)")
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"], help="block: dtype (default fp32)")
     p.add_argument(
-        "--workdir", default=None, help="conversion: scratch folder on the disk to measure (default: a temp folder)"
+        "--workdir",
+        default=None,
+        help="conversion, commit: scratch folder on the disk to measure (default: a temp folder)",
     )
     p.add_argument("--json", default=None, help="JSON output file (default bench_<what>.json)")
     p.add_argument_group("MoE settings", moe_overrides_help() + "; conversion defaults to num_experts=4")
@@ -399,7 +466,10 @@ def bench_conversion(args, moe: MoEConfig) -> tuple[list[dict], list, dict]:
     return rows, cols, {"num_experts": moe.num_experts}
 
 
-BENCHES = {"conversion": bench_conversion, "block": bench_block, "step": bench_training, "gpu": bench_training}
+BENCHES = {
+    "conversion": bench_conversion, "block": bench_block, "step": bench_training, "gpu": bench_training,
+    "commit": bench_commit,
+}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
