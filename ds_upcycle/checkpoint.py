@@ -127,9 +127,9 @@ def _part_name(rank: int) -> str:
 
 
 def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_commit: bool = False) -> dict:
-    """Collective: every rank calls it. Returns the checkpoint folder and what the commit cost this
-    rank: the bytes it hashed (its own files), the seconds that took, and the seconds from its last
-    file written to the commit done (hashing, waiting for the other ranks, rank 0's merge).
+    """Collective: every rank calls it. Returns the checkpoint folder, ``commit_s`` (from this rank's
+    last file written to the commit done: its hashing, the wait for the other ranks, rank 0's merge)
+    and ``ranks``: each rank's hashed bytes and seconds (rank 0 has them all, the others their own).
 
     crash_before_commit (a debug hook for tests) kills rank 0 after the files are written and
     before the manifest and the latest pointer: what a save interrupted midway leaves behind.
@@ -149,31 +149,32 @@ def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_com
         atomic_write_text(folder / STATE, json.dumps({"step": step, **state}, indent=2))
         mine.append(folder / STATE)
     t0 = time.perf_counter()
-    part = {os.path.relpath(p, folder): file_entry(p) for p in mine}  # every rank at once, its own files
-    hash_s = time.perf_counter() - t0
-    atomic_write_text(folder / _part_name(rank), json.dumps(part))
+    files = {os.path.relpath(p, folder): file_entry(p) for p in mine}  # every rank at once, its own files
+    stats = {"hashed_bytes": sum(e["bytes"] for e in files.values()), "hash_s": time.perf_counter() - t0}
+    atomic_write_text(folder / _part_name(rank), json.dumps({"files": files, **stats}))
     barrier()  # every rank's files and its part of the manifest are on disk
     if crash_before_commit and rank == 0:
         os._exit(17)
+    ranks = [stats]
     if rank == 0:
         world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-        commit(folder, world)
+        _, ranks = commit(folder, world)
         atomic_write_text(root / LATEST, tag)
     barrier()
-    hashed = sum(e["bytes"] for e in part.values())
-    return {"folder": folder, "hashed_bytes": hashed, "hash_s": hash_s, "commit_s": time.perf_counter() - t0}
+    return {"folder": folder, "commit_s": time.perf_counter() - t0, "ranks": ranks}
 
 
-def commit(folder: Path, world: int) -> dict:
-    """Merge the ranks' parts into the manifest (files no rank recorded, such as DeepSpeed's copied
-    zero_to_fp32.py, are hashed here: they are small), write it, remove the parts."""
-    parts = [folder / _part_name(r) for r in range(world)]
-    missing = [p.name for p in parts if not p.is_file()]
+def commit(folder: Path, world: int) -> tuple[dict, list[dict]]:
+    """Merge the ranks' parts into the manifest (files no rank recorded are hashed here: they are
+    small), write it, remove the parts. Returns the manifest and each rank's hashing figures."""
+    paths = [folder / _part_name(r) for r in range(world)]
+    missing = [p.name for p in paths if not p.is_file()]
     if missing:
         raise RuntimeError(f"checkpoint {folder}: no manifest part from {', '.join(missing)}")  # internal
+    parts = [json.loads(p.read_text()) for p in paths]
     manifest: dict = {}
-    for p in parts:
-        manifest.update(json.loads(p.read_text()))
+    for part in parts:
+        manifest.update(part.pop("files"))
     for p in sorted(folder.rglob("*")):
         rel = str(p.relative_to(folder))
         if p.is_file() and rel not in manifest and p.name != MANIFEST and not p.name.startswith(PART_PREFIX):
@@ -181,7 +182,7 @@ def commit(folder: Path, world: int) -> dict:
     atomic_write_text(folder / MANIFEST, json.dumps(dict(sorted(manifest.items())), indent=1))
     for p in folder.glob(f"{PART_PREFIX}*"):
         p.unlink()
-    return manifest
+    return manifest, parts
 
 
 def latest_tag(root: Path) -> str | None:

@@ -1,8 +1,9 @@
 """Router statistics, throughput and MFU, and the logger that sends them to W&B and the console.
 
 Keys are namespaced: ``loss/*``, ``optim/*``, ``throughput/*``, ``memory/*``, ``eval/*`` and
-``router/layer_LL/*`` (see the README's metrics glossary). Only rank 0 writes; every rank must
-take part in the all-reduces that feed it.
+``router/layer_LL/*`` (see the README's metrics glossary). A logged value covers the logging window
+(:class:`StepWindow`: the steps since the previous logging step), as the router counts do. Only
+rank 0 writes; every rank must take part in the all-reduces that feed it.
 """
 
 from __future__ import annotations

@@ -473,15 +473,12 @@ def save(t: Trainer, done: int) -> None:
     crash = done == t.cfg.debug.inject_crash_in_save_at_step
     saved = checkpoint.save(t.engine, t.ckpt_root, done, state, t.rank, crash)
     size = sum(p.stat().st_size for p in saved["folder"].iterdir() if p.is_file())
-    # rank 0's figures (summary.json is rank 0's)
-    t.summary["last_commit"] = {
-        "step": done,
-        "checkpoint_bytes": size,
-        **{k: v for k, v in saved.items() if k != "folder"},
-    }
+    hash_s = [r["hash_s"] for r in saved["ranks"]]
+    t.summary["last_commit"] = {"step": done, "checkpoint_bytes": size, "commit_s": saved["commit_s"],
+                                "ranks": saved["ranks"]}  # fmt: skip
     if t.rank == 0:
-        log.info("saved %s: %.2f GB; this rank hashed its %.2f GB in %.2f s, commit done %.2f s after its last write",
-                 saved["folder"], size / 1e9, saved["hashed_bytes"] / 1e9, saved["hash_s"], saved["commit_s"])  # fmt: skip
+        log.info("saved %s (%.2f GB): committed %.2f s after rank 0's last write; the ranks hashed their own "
+                 "files in %.2f-%.2f s", saved["folder"], size / 1e9, saved["commit_s"], min(hash_s), max(hash_s))  # fmt: skip
 
 
 def resume(t: Trainer) -> int:

@@ -18,7 +18,7 @@ class Exploit:
 
 
 def _part(folder, rank, files):
-    part = {name: checkpoint.file_entry(folder / name) for name in files}
+    part = {"files": {name: checkpoint.file_entry(folder / name) for name in files}, "hash_s": 0.5 + rank}
     (folder / f"{checkpoint.PART_PREFIX}{rank:05d}.json").write_text(json.dumps(part))
 
 
@@ -27,7 +27,8 @@ def test_commit_merges_every_ranks_part(tmp_path):
         torch.save({"w": torch.full((4,), float(len(name)))}, tmp_path / name)
     _part(tmp_path, 0, ["a.pt"])
     _part(tmp_path, 1, ["b.pt", "c.pt"])
-    manifest = checkpoint.commit(tmp_path, world=2)
+    manifest, ranks = checkpoint.commit(tmp_path, world=2)
+    assert [r["hash_s"] for r in ranks] == [0.5, 1.5]
     assert sorted(manifest) == ["a.pt", "b.pt", "c.pt", "zero_to_fp32.py"]  # the unclaimed file hashed by rank 0
     assert json.loads((tmp_path / checkpoint.MANIFEST).read_text()) == manifest
     assert not list(tmp_path.glob(f"{checkpoint.PART_PREFIX}*"))
