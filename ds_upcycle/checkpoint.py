@@ -89,7 +89,9 @@ class VerifiedIO:
         self.manifest: dict = {}
         self.verified: list[str] = []
 
-    def __getattr__(self, name: str):
+    def __getattr__(self, name: str):  # only for names not set in __init__
+        if name == "inner":
+            raise AttributeError(name)
         return getattr(self.inner, name)
 
     def save(self, state_dict, path: str) -> None:
