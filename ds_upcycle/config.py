@@ -281,7 +281,8 @@ class LogConfig:
     """Held-out perplexity every N steps (0: only at the start and the end)."""
     heatmap_every: int = 0
     """Draw a layer x expert load heatmap (the logging window's routes) every N steps, a multiple of
-    `every`, and at the first logged step; always at the last step (0: only at the last step)."""
+    `every`, and at the first logged step; always at the last step (0: only at the last step; -1:
+    never, e.g. to keep matplotlib off rank 0)."""
     dead_expert_threshold: float = 0.1
     """An expert is dead when its load is below this fraction of the mean load."""
     collapse_max_over_mean: float = 0.0
@@ -299,8 +300,9 @@ class LogConfig:
         _one_of("log.wandb", self.wandb, WANDB_MODES)
         _positive("log.every", self.every)
         _non_negative("log.eval_every", self.eval_every)
-        _non_negative("log.heatmap_every", self.heatmap_every)
-        if self.heatmap_every % self.every != 0:
+        if self.heatmap_every < -1:
+            raise ValueError(f"log.heatmap_every ({self.heatmap_every}) must be >= 0, or -1 for no heatmaps")
+        if self.heatmap_every > 0 and self.heatmap_every % self.every != 0:
             raise ValueError(
                 f"log.heatmap_every ({self.heatmap_every}) must be a multiple of log.every ({self.every}): a heatmap "
                 "shows a logging step's router counts"

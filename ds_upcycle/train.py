@@ -433,8 +433,9 @@ def _collapse_alert(t: Trainer, done: int, worst: float) -> dict:
 
 
 def heatmap_due(done: int, last: bool, every: int) -> bool:
-    """At a logging step: every log.heatmap_every steps and at step 1, always at the last step."""
-    return last or (every > 0 and (done % every == 0 or done == 1))
+    """At a logging step: every log.heatmap_every steps and at step 1, always at the last step
+    (-1: never)."""
+    return every >= 0 and (last or (every > 0 and (done % every == 0 or done == 1)))
 
 
 def log_step(t: Trainer, done: int, r: StepResult, last: bool) -> None:

@@ -64,7 +64,7 @@ def test_every_window_value_covers_the_whole_window():
 
 @pytest.mark.parametrize(
     "every, drawn",
-    [(0, [7]), (3, [1, 3, 6, 7]), (7, [1, 7])],
+    [(0, [7]), (3, [1, 3, 6, 7]), (7, [1, 7]), (-1, [])],
 )
 def test_heatmaps_include_the_last_step(every, drawn):
     from ds_upcycle.train import heatmap_due
@@ -77,4 +77,6 @@ def test_heatmap_every_must_be_a_multiple_of_log_every():
 
     with pytest.raises(ValueError, match=r"log.heatmap_every \(5\) must be a multiple of log.every \(2\)"):
         LogConfig(every=2, heatmap_every=5)
-    assert LogConfig(every=2, heatmap_every=0).heatmap_every == 0
+    assert LogConfig(every=2, heatmap_every=0).heatmap_every == 0 and LogConfig(every=2, heatmap_every=-1)
+    with pytest.raises(ValueError, match=r"log.heatmap_every \(-2\) must be >= 0, or -1 for no heatmaps"):
+        LogConfig(heatmap_every=-2)

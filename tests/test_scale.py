@@ -19,8 +19,8 @@ pytestmark = pytest.mark.slow
 STEPS, RESUME_AT = 3, 2
 # Experts dominate the checkpoint (16 bytes per parameter: the expert file plus ZeRO's fp32 copy and
 # Adam moments), so each rank writes about half of it; the model-states file rank 0 writes on top is
-# a few MB. 2 layers x 8 experts x 3 x 256 x 12288 = 151M parameters: about 2.4 GB per checkpoint.
-SHAPE = {"hidden_size": 256, "intermediate_size": 12288, "num_attention_heads": 4, "num_key_value_heads": 2}
+# a few MB. 2 layers x 8 experts x 3 x 256 x 15360 = 189M parameters: about 3 GB per checkpoint.
+SHAPE = {"hidden_size": 256, "intermediate_size": 15360, "num_attention_heads": 4, "num_key_value_heads": 2}
 SETTINGS = {
     "train.steps": STEPS, "train.save_every": RESUME_AT, "log.wandb": "disabled", "log.every": 1,
     "model.activation_checkpointing": True, "ds.gradient_accumulation_steps": 2,
@@ -28,6 +28,7 @@ SETTINGS = {
     "moe.drop_tokens": True, "moe.capacity_factor": 1.0, "moe.eval_capacity_factor": 2.0,
     "train.on_nonfinite": "skip", "debug.inject_inf_grad_at_steps": [0], "debug.inject_nan_at_step": 1,
     "log.collapse_max_over_mean": 1.01, "log.collapse_patience": 3,
+    "log.heatmap_every": -1,  # no matplotlib on rank 0 while rank 1 waits under the short timeout
 }  # fmt: skip
 NOT_COMPARED = ("throughput/", "memory/")  # timings and RSS differ between runs
 
@@ -67,7 +68,9 @@ def test_resume_at_scale_settings_with_a_short_collective_timeout(wide_setup, tm
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     middle = ref / "checkpoints" / checkpoint.tag_for(RESUME_AT)
     serial_s, size = _serial_hash_seconds(middle)
-    timeout_s = max(1.0, round(serial_s / 2.5, 1))
+    # Below the serial time, above what the ranks otherwise wait for each other (loading, building
+    # the engine: those grow with the machine's load, as the serial time does).
+    timeout_s = max(1.5, round(0.55 * serial_s, 1))
     print(f"checkpoint {size / 1e9:.2f} GB: serial SHA-256 {serial_s:.2f} s; train.timeout_s={timeout_s}")
     assert serial_s > timeout_s  # the old commit (rank 0 hashing it all, the rest waiting) would time out
 
