@@ -4,17 +4,25 @@ A checkpoint is DeepSpeed's native folder ``<root>/<tag>/`` (model states, one f
 layer and global expert, ZeRO optimizer shards) plus ours:
 
 - ``ds_upcycle_rank{R}.pt``: each rank's RNG states (tensors only);
-- ``ds_upcycle_state.json``: step, data position, resolved config, MoE layout;
+- ``ds_upcycle_state.json``: step, data position, counters, resolved config;
 - ``ds_upcycle_manifest.json``: every file of the folder with its size and SHA-256.
 
-Only after every rank has finished writing does rank 0 write the manifest and then replace
-``<root>/latest_complete`` (tmp file + rename). An interrupted save therefore never becomes
-what the next run loads, and a truncated or altered file is caught by the manifest before
-anything is deserialised. A shared filesystem across nodes is assumed, as DeepSpeed does.
+Commit: each rank hashes the files it wrote itself (DeepSpeed's writes are recorded by
+:class:`VerifiedIO`), all ranks at once, and leaves its part of the manifest next to them. Only
+after every rank's part is there does rank 0 merge them into the manifest and then replace
+``<root>/latest_complete`` (tmp file + rename). No rank hashes another rank's files, so the time
+the others wait in a collective is the difference between the ranks' shares, never the whole
+checkpoint. An interrupted save never becomes what the next run loads.
 
-Reading back (export, eval): :func:`resolve` finds the step folder of a run, :func:`read_tensors`
-maps every saved tensor to a loader, and :func:`load_moe_model` rebuilds the trained model in one
-process whatever ep_size trained it.
+Resume: each rank checks exactly the files DeepSpeed reads on it (its own shards, its experts,
+the shared model states) against the manifest, and reads them with ``torch.load(weights_only=True)``
+and only DeepSpeed's known classes allowed, just before DeepSpeed would have unpickled them: a
+truncated, altered or foreign file is refused, naming it. A shared filesystem across nodes is
+assumed, as DeepSpeed does.
+
+Reading back (export, eval): :func:`resolve` finds the step folder of a run, :func:`verify`
+checks every file, :func:`read_tensors` maps every saved tensor to a loader, and
+:func:`load_moe_model` rebuilds the trained model in one process whatever ep_size trained it.
 """
 
 from __future__ import annotations
@@ -39,6 +47,8 @@ log = logging.getLogger("ds_upcycle")
 LATEST = "latest_complete"
 STATE = "ds_upcycle_state.json"
 MANIFEST = "ds_upcycle_manifest.json"
+PART_PREFIX = ".ds_upcycle_manifest_part"
+"""Each rank's part of the manifest, merged by rank 0 and then removed."""
 
 
 def tag_for(step: int) -> str:
@@ -53,6 +63,11 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def file_entry(path: Path) -> dict:
+    """A manifest entry: size and SHA-256."""
+    return {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     with open(tmp, "w") as f:
@@ -62,8 +77,66 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_commit: bool = False) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint folder.
+class VerifiedIO:
+    """DeepSpeed's checkpoint engine of this run, wrapped: it records the files this rank saves, and
+    verifies each file against the manifest before DeepSpeed loads it.
+
+    DeepSpeed reads and writes every checkpoint file through ``engine.checkpoint_engine``
+    (deepspeed/runtime/checkpoint_engine/checkpoint_engine.py: save, load, create, commit, ...), and
+    has no config key for a custom one, so :func:`attach` sets it. Everything but save and load is
+    the wrapped engine's.
+    """
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.written: list[Path] = []
+        self.folder: Path | None = None
+        self.manifest: dict = {}
+        self.verified: list[str] = []
+
+    def __getattr__(self, name: str):  # only for names not set in __init__
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def save(self, state_dict, path: str) -> None:
+        self.inner.save(state_dict, path)
+        self.written.append(Path(path))
+
+    def load(self, path: str, map_location=None):
+        if self.folder is None:  # not a resume through :func:`load`
+            return self.inner.load(path, map_location=map_location)
+        rel = os.path.relpath(path, self.folder)
+        if rel not in self.verified:  # DeepSpeed reads the model states twice
+            check_file(self.folder, rel, self.manifest)
+            self.verified.append(rel)
+        return safe_load(Path(path), map_location)
+
+
+def attach(engine) -> VerifiedIO:
+    """Wrap ``engine``'s checkpoint engine (DeepSpeed's torch.save/torch.load one) in :class:`VerifiedIO`."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    current = engine.checkpoint_engine
+    if isinstance(current, VerifiedIO):
+        return current
+    if type(current) is not TorchCheckpointEngine:
+        raise ValueError(
+            f"the DeepSpeed checkpoint engine ({type(current).__name__}) is not supported: checkpoints are verified "
+            "file by file through DeepSpeed's torch engine; remove the 'checkpoint' writer / 'datastates' settings"
+        )
+    engine.checkpoint_engine = VerifiedIO(current)
+    return engine.checkpoint_engine
+
+
+def _part_name(rank: int) -> str:
+    return f"{PART_PREFIX}{rank:05d}.json"
+
+
+def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_commit: bool = False) -> dict:
+    """Collective: every rank calls it. Returns the checkpoint folder, ``commit_s`` (from this rank's
+    last file written to the commit done: its hashing, the wait for the other ranks, rank 0's merge)
+    and ``ranks``: each rank's hashed bytes and seconds (rank 0 has them all, the others their own).
 
     crash_before_commit (a debug hook for tests) kills rank 0 after the files are written and
     before the manifest and the latest pointer: what a save interrupted midway leaves behind.
@@ -73,22 +146,53 @@ def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_com
     if rank == 0:
         _clear_for_save(folder)
     barrier()
+    io = attach(engine)
+    io.written = []
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
-    torch.save(rng, folder / f"ds_upcycle_rank{rank:05d}.pt")
-    barrier()  # every rank's files are on disk
-    if crash_before_commit and rank == 0:
-        os._exit(17)
+    rng_file = folder / f"ds_upcycle_rank{rank:05d}.pt"
+    torch.save(rng, rng_file)
+    mine = [*io.written, rng_file]
     if rank == 0:
         atomic_write_text(folder / STATE, json.dumps({"step": step, **state}, indent=2))
-        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
-        manifest = {str(p.relative_to(folder)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}
-        atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
+        mine.append(folder / STATE)
+    t0 = time.perf_counter()
+    files = {os.path.relpath(p, folder): file_entry(p) for p in mine}  # every rank at once, its own files
+    stats = {"hashed_bytes": sum(e["bytes"] for e in files.values()), "hash_s": time.perf_counter() - t0}
+    atomic_write_text(folder / _part_name(rank), json.dumps({"files": files, **stats}))
+    barrier()  # every rank's files and its part of the manifest are on disk
+    if crash_before_commit and rank == 0:
+        os._exit(17)
+    ranks = [stats]
+    if rank == 0:
+        world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+        _, ranks = commit(folder, world)
         atomic_write_text(root / LATEST, tag)
     barrier()
-    return folder
+    return {"folder": folder, "commit_s": time.perf_counter() - t0, "ranks": ranks}
+
+
+def commit(folder: Path, world: int) -> tuple[dict, list[dict]]:
+    """Merge the ranks' parts into the manifest (files no rank recorded are hashed here: they are
+    small), write it, remove the parts. Returns the manifest and each rank's hashing figures."""
+    paths = [folder / _part_name(r) for r in range(world)]
+    missing = [p.name for p in paths if not p.is_file()]
+    if missing:
+        raise RuntimeError(f"checkpoint {folder}: no manifest part from {', '.join(missing)}")  # internal
+    parts = [json.loads(p.read_text()) for p in paths]
+    manifest: dict = {}
+    for part in parts:
+        manifest.update(part.pop("files"))
+    for p in sorted(folder.rglob("*")):
+        rel = str(p.relative_to(folder))
+        if p.is_file() and rel not in manifest and p.name != MANIFEST and not p.name.startswith(PART_PREFIX):
+            manifest[rel] = file_entry(p)
+    atomic_write_text(folder / MANIFEST, json.dumps(dict(sorted(manifest.items())), indent=1))
+    for p in folder.glob(f"{PART_PREFIX}*"):
+        p.unlink()
+    return manifest, parts
 
 
 def _clear_for_save(folder: Path) -> None:
@@ -138,26 +242,42 @@ def latest_tag(root: Path) -> str | None:
     return p.read_text().strip() if p.is_file() else None
 
 
-def verify(folder: Path) -> dict:
-    """Check every file against the manifest; ValueError names the first bad file. Returns the
-    saved state."""
+def read_manifest(folder: Path) -> dict:
     manifest_path = folder / MANIFEST
     if not manifest_path.is_file():
         raise ValueError(f"checkpoint {folder} has no {MANIFEST}: the save did not complete; delete the folder")
-    manifest = json.loads(manifest_path.read_text())
-    for rel, meta in manifest.items():
-        p = folder / rel
-        if not p.is_file():
-            raise ValueError(f"checkpoint file {p} is missing; the checkpoint is incomplete")
-        if p.stat().st_size != meta["bytes"]:
-            raise ValueError(
-                f"checkpoint file {p} is truncated or altered ({p.stat().st_size} bytes, expected {meta['bytes']}); "
-                "restore it or delete the checkpoint folder"
-            )
-        if _sha256(p) != meta["sha256"]:
-            raise ValueError(
-                f"checkpoint file {p} is corrupted (SHA-256 mismatch); restore it or delete the checkpoint folder"
-            )
+    return json.loads(manifest_path.read_text())
+
+
+def check_file(folder: Path, rel: str, manifest: dict) -> Path:
+    """One file against its manifest entry; ValueError names it when it is missing, unlisted,
+    truncated or altered."""
+    p = folder / rel
+    meta = manifest.get(rel)
+    if meta is None:
+        raise ValueError(
+            f"checkpoint file {p} is not in {folder / MANIFEST}; only resume from checkpoints this tool wrote"
+        )
+    if not p.is_file():
+        raise ValueError(f"checkpoint file {p} is missing; the checkpoint is incomplete")
+    if p.stat().st_size != meta["bytes"]:
+        raise ValueError(
+            f"checkpoint file {p} is truncated or altered ({p.stat().st_size} bytes, expected {meta['bytes']}); "
+            "restore it or delete the checkpoint folder"
+        )
+    if _sha256(p) != meta["sha256"]:
+        raise ValueError(
+            f"checkpoint file {p} is corrupted (SHA-256 mismatch); restore it or delete the checkpoint folder"
+        )
+    return p
+
+
+def verify(folder: Path) -> dict:
+    """Check every file against the manifest (for readers of the whole checkpoint: export, eval);
+    ValueError names the first bad file. Returns the saved state."""
+    manifest = read_manifest(folder)
+    for rel in manifest:
+        check_file(folder, rel, manifest)
     return json.loads((folder / STATE).read_text())
 
 
@@ -170,44 +290,55 @@ def _deepspeed_safe_globals() -> list:
     return [LossScaler, ZeroStageEnum, fragment_address]
 
 
+def safe_load(path: Path, map_location="cpu"):
+    """``torch.load(weights_only=True)`` with only DeepSpeed's three known classes allowed: what
+    DeepSpeed's own loader (``weights_only=False``,
+    deepspeed/runtime/checkpoint_engine/torch_checkpoint_engine.py) returns for its own files, while a
+    file that needs anything else is refused, so an arbitrary pickle is never unpickled."""
+    try:
+        with torch.serialization.safe_globals(_deepspeed_safe_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # the unpickler raises several types; all mean "not safe"
+        raise ValueError(
+            f"checkpoint file {path} holds objects outside the safe allow-list ({type(e).__name__}); "
+            "refusing to unpickle it. Only resume from checkpoints this tool wrote"
+        ) from None
+
+
 def check_safe_to_unpickle(folder: Path) -> None:
-    """Load every .pt file with ``weights_only=True`` and only DeepSpeed's three known classes
-    allowed, before DeepSpeed's own loader (which uses ``weights_only=False``,
-    deepspeed/runtime/checkpoint_engine/torch_checkpoint_engine.py) touches them. A file that needs
-    anything else is refused, so an arbitrary pickle is never unpickled."""
-    allowed = _deepspeed_safe_globals()
+    """:func:`safe_load` every .pt file of the folder (ValueError names the first unsafe one)."""
     for f in sorted(folder.glob("*.pt")):
-        try:
-            with torch.serialization.safe_globals(allowed):
-                torch.load(f, map_location="cpu", weights_only=True)
-        except Exception as e:  # the unpickler raises several types; all mean "not safe"
-            raise ValueError(
-                f"checkpoint file {f} holds objects outside the safe allow-list ({type(e).__name__}); "
-                "refusing to unpickle it. Only resume from checkpoints this tool wrote"
-            ) from None
+        safe_load(f)
 
 
 def load(engine, root: Path, rank: int) -> dict | None:
-    """Collective: resume from ``root``'s latest complete checkpoint. Returns its state, or None
-    when there is none yet (a fresh start)."""
+    """Collective: resume from ``root``'s latest complete checkpoint. Returns its state (plus
+    "verified_files": what this rank checked and read), or None when there is none yet (a fresh
+    start). Each rank verifies only the files it reads (:class:`VerifiedIO`)."""
     tag = latest_tag(root)
     if tag is None:
         return None
     folder = root / tag
-    state = verify(folder)
-    check_safe_to_unpickle(folder)
-    load_path, _ = engine.load_checkpoint(
-        str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True, load_module_strict=True
-    )
+    manifest = read_manifest(folder)
+    state = json.loads(check_file(folder, STATE, manifest).read_text())
+    io = attach(engine)
+    io.folder, io.manifest, io.verified = folder, manifest, []
+    try:
+        load_path, _ = engine.load_checkpoint(
+            str(root), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True, load_module_strict=True
+        )
+    finally:
+        io.folder = None
     if load_path is None:
         raise ValueError(f"DeepSpeed could not load checkpoint {folder}")
-    rng_file = folder / f"ds_upcycle_rank{rank:05d}.pt"
-    if rng_file.is_file():
-        rng = torch.load(rng_file, weights_only=True)
+    rng_name = f"ds_upcycle_rank{rank:05d}.pt"
+    if rng_name in manifest:
+        rng = torch.load(check_file(folder, rng_name, manifest), weights_only=True)
+        io.verified.append(rng_name)
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    return state
+    return {**state, "verified_files": [STATE, *io.verified]}
 
 
 # --------------------------------------------------------------------------------------------

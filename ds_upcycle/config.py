@@ -32,6 +32,7 @@ PROJECT_KEY = "ds_upcycle"
 ROUTER_INITS = ("normal", "zeros", "uniform")
 EXPERT_INITS = ("copy", "noise", "drop")
 BALANCE_MODES = ("micro_batch", "global_batch")
+BALANCE_STATISTICS = ("deepspeed", "all_routes")
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 MAX_EXPERTS = 4096
 """Far beyond any published MoE; a bound that catches typos before they exhaust memory."""
@@ -81,11 +82,20 @@ class MoEConfig:
     z_loss_coef: float = 0.0
     """Weight of the router z-loss (mean logsumexp(logits)^2). 0 disables it (2410.07524: no gain)."""
     balance: str = "micro_batch"
-    """Load-balancing statistics: "micro_batch" (DeepSpeed's, local tokens) or "global_batch"
-    (expert fractions all-reduced over data-parallel ranks before the product)."""
+    """Scope of the balance loss's expert fractions: "micro_batch" (this rank's tokens of the
+    micro-batch, as DeepSpeed computes it) or "global_batch" (the expert counts are all-reduced over
+    every rank of the world before the product, once per micro-batch: no accumulation across the
+    micro-batches of a step). The statistic is balance_statistic either way, so an ablation of the
+    two differs in scope only."""
+    balance_statistic: str = "deepspeed"
+    """Which routes the balance loss's expert fractions count: "deepspeed" (DeepSpeed's own: the
+    first choice of each token for top_k <= 2, all top_k routes for top_k > 2;
+    deepspeed/moe/sharded_moe.py top1gating/top2gating/topkgating) or "all_routes" (all top_k routes
+    of each token, at every k)."""
     router_init: str = "normal"
     """Router weight init: "normal" (N(0, router_init_std)), "uniform" (centred uniform with the same
-    std, Drop-Upcycling's reference recipe) or "zeros" (uniform routing at step 0)."""
+    std, Drop-Upcycling's reference recipe) or "zeros" (near-uniform routing at step 0: zeros plus a
+    seeded N(0, 1e-6) jitter, so argmax ties do not send every token to experts 0..k-1)."""
     router_init_std: float = 0.02
     """Standard deviation of the "normal" and "uniform" router inits."""
     expert_init: str = "copy"
@@ -105,6 +115,9 @@ class MoEConfig:
     """Train with the router weights frozen at their init (they get no updates)."""
     router_lr_scale: float = 1.0
     """The router's learning rate as a multiple of the model's (schedule included)."""
+    router_weight_decay: float = 0.0
+    """Weight decay of the router weights (the optimizer's weight_decay applies to the other 2-D
+    weights; norms and biases get none). 0 (default): routers are not pulled towards zero logits."""
     seed: int = 1234
     """Seed for the router and expert-noise init; the same on every rank, so every rank agrees."""
     moe_layers: str | list[int] = "all"
@@ -129,6 +142,8 @@ class MoEConfig:
         _non_negative("moe.aux_loss_coef", self.aux_loss_coef)
         _non_negative("moe.z_loss_coef", self.z_loss_coef)
         _one_of("moe.balance", self.balance, BALANCE_MODES)
+        _one_of("moe.balance_statistic", self.balance_statistic, BALANCE_STATISTICS)
+        _non_negative("moe.router_weight_decay", self.router_weight_decay)
         _one_of("moe.router_init", self.router_init, ROUTER_INITS)
         _positive("moe.router_init_std", self.router_init_std)
         _one_of("moe.expert_init", self.expert_init, EXPERT_INITS)
@@ -160,12 +175,12 @@ class MoEConfig:
                     f"experts, G per copy of the dense MLP (e.g. {g * max(1, value // g)})"
                 )
         if g > 1 and self.router_init == "zeros":
-            # Every copy would tie with every other: torch.topk (deepspeed/moe/sharded_moe.py
-            # topkgating) breaks ties in no fixed order, so top_k could take part of one copy and
-            # part of another, and step 0 would no longer be exact.
+            # The copies would be only a 1e-6 jitter apart: near-ties that rounding can turn into
+            # ties, which torch.topk (deepspeed/moe/sharded_moe.py topkgating) breaks in no fixed
+            # order, so top_k could take part of one copy and part of another.
             raise ValueError(
-                f"moe.router_init ('zeros') ties all {self.num_experts // g} copies when moe.granularity is {g}, and "
-                "top-k would split copies; use router_init 'normal' or 'uniform'"
+                f"moe.router_init ('zeros') nearly ties all {self.num_experts // g} copies when moe.granularity is "
+                f"{g}, and top-k would split copies; use router_init 'normal' or 'uniform'"
             )
         _positive("moe.router_lr_scale", self.router_lr_scale)
         if self.freeze_router and self.router_lr_scale != 1.0:
@@ -305,8 +320,13 @@ class TrainConfig:
     timeout_s: float = 300.0
     """Collective timeout: a dead or stuck rank fails the job after this long instead of hanging it."""
     on_nonfinite: str = "stop"
-    """What to do when the loss or grad norm is NaN/Inf: "stop" (keep the last good checkpoint)
-    or "skip" (drop that step's update)."""
+    """What to do when a micro-batch's loss is NaN/Inf: "stop" (exit code 3, keep the last good
+    checkpoint) or "skip" (that micro-batch contributes nothing). A step DeepSpeed skipped because of
+    a gradient overflow (non-finite gradients; ZeRO-1/2 then leaves the weights and the LR schedule
+    untouched) is counted either way; "stop" also stops after max_skipped_steps of them in a row."""
+    max_skipped_steps: int = 10
+    """With on_nonfinite="stop": stop after this many consecutive steps DeepSpeed skipped for a
+    gradient overflow (fp16's dynamic loss scale skips a few while it calibrates). 0: never."""
     keep_last: int = 3
     """After each complete save, delete older complete checkpoints beyond the newest N (0: keep all).
     latest_complete and a checkpoint still being written are never deleted."""
@@ -325,6 +345,7 @@ class TrainConfig:
         _one_of("train.on_nonfinite", self.on_nonfinite, ("stop", "skip"))
         _non_negative("train.keep_last", self.keep_last)
         _positive("train.preempt_save_timeout_s", self.preempt_save_timeout_s)
+        _non_negative("train.max_skipped_steps", self.max_skipped_steps)
 
 
 @dataclass(frozen=True)
@@ -346,7 +367,9 @@ class LogConfig:
     eval_every: int = 0
     """Held-out perplexity every N steps (0: only at the start and the end)."""
     heatmap_every: int = 0
-    """Log a layer x expert load heatmap every N steps (0: only at the end)."""
+    """Draw a layer x expert load heatmap (the logging window's routes) every N steps, a multiple of
+    `every`, and at the first logged step; always at the last step (0: only at the last step; -1:
+    never, e.g. to keep matplotlib off rank 0)."""
     dead_expert_threshold: float = 0.1
     """An expert is dead when its load is below this fraction of the mean load."""
     collapse_max_over_mean: float = 0.0
@@ -368,7 +391,13 @@ class LogConfig:
         _one_of("log.wandb", self.wandb, WANDB_MODES)
         _positive("log.every", self.every)
         _non_negative("log.eval_every", self.eval_every)
-        _non_negative("log.heatmap_every", self.heatmap_every)
+        if self.heatmap_every < -1:
+            raise ValueError(f"log.heatmap_every ({self.heatmap_every}) must be >= 0, or -1 for no heatmaps")
+        if self.heatmap_every > 0 and self.heatmap_every % self.every != 0:
+            raise ValueError(
+                f"log.heatmap_every ({self.heatmap_every}) must be a multiple of log.every ({self.every}): a heatmap "
+                "shows a logging step's router counts"
+            )
         _non_negative("log.dead_expert_threshold", self.dead_expert_threshold)
         _non_negative("log.collapse_max_over_mean", self.collapse_max_over_mean)
         _positive("log.collapse_patience", self.collapse_patience)
@@ -387,7 +416,9 @@ class DebugConfig:
     report_env: list[str] = field(default_factory=list)
     """Environment variables each rank records in <output_dir>/ranks/ (tests: what reached the
     ranks of remote hosts). Never list secrets."""
-
+    inject_inf_grad_at_steps: list[int] = field(default_factory=list)
+    """Make a gradient Inf in the backward pass of these 0-based steps, so DeepSpeed skips them as
+    overflowed (tests the skipped-step handling). Empty disables."""
     preempt_save_delay_s: float = 0.0
     """Sleep this long at the start of a preemption save (tests a second signal during the save)."""
     step_delay_s: float = 0.0

@@ -82,14 +82,26 @@ def is_local(hosts: dict[str, int]) -> bool:
 
 
 def world_size(num_gpus: int | None, hostfile: str | Path | None) -> int:
-    """The number of ranks a launch will start: a multi-host hostfile's slots, else num_gpus (1)."""
+    """The number of ranks the launcher will start, counted as deepspeed/launcher/runner.py (main)
+    counts them: a hostfile's slots (its default /job/hostfile too, when it exists), each host cut to
+    num_gpus when given; else num_gpus; else the devices CUDA_VISIBLE_DEVICES lists; else every local
+    device the accelerator counts (a CPU counts its NUMA nodes with cores, or LOCAL_SIZE)."""
+    from deepspeed.launcher.runner import DLTS_HOSTFILE
+
     if num_gpus is not None and not 1 <= num_gpus <= MAX_SLOTS:
         raise ValueError(f"--num-gpus ({num_gpus}) must be between 1 and {MAX_SLOTS}")
+    if hostfile is None and Path(DLTS_HOSTFILE).is_file():
+        hostfile = DLTS_HOSTFILE
     if hostfile is not None:
         hosts = read_hostfile(hostfile)
-        if not (num_gpus and is_local(hosts)):
-            return sum(hosts.values())
-    return num_gpus or 1
+        return num_gpus * len(hosts) if num_gpus else sum(hosts.values())
+    if num_gpus:
+        return num_gpus
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    visible = os.environ.get(accelerator.visible_devices_envs()[0], "")
+    return len(visible.split(",")) if visible else accelerator.device_count()
 
 
 def launcher_cmd(

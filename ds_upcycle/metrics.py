@@ -1,8 +1,9 @@
 """Router statistics, throughput and MFU, and the logger that sends them to W&B and the console.
 
 Keys are namespaced: ``loss/*``, ``optim/*``, ``throughput/*``, ``memory/*``, ``eval/*``,
-``router/layer_LL/*`` and ``health/layer_LL/*`` (see the README's metrics glossary). Only rank 0
-writes; every rank must take part in the all-reduces that feed it.
+``router/layer_LL/*`` and ``health/layer_LL/*`` (see the README's metrics glossary). A logged value
+covers the logging window (:class:`StepWindow`: the steps since the previous logging step), as the
+router counts do. Only rank 0 writes; every rank must take part in the all-reduces that feed it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 import os
 import resource
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -97,6 +99,55 @@ def router_metrics(layers: list[int], counts: torch.Tensor, dropped: torch.Tenso
     out["router/entropy_mean"] = sum(out[f"router/layer_{layer:02d}/entropy"] for layer in layers) / len(layers)
     out["router/dead_frac_mean"] = sum(out[f"router/layer_{layer:02d}/dead_frac"] for layer in layers) / len(layers)
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The logging window: every logged value covers the steps since the previous logging step
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class StepWindow:
+    """This rank's sums over the steps of one logging window (``log.every`` steps, fewer at the end)."""
+
+    steps: int = 0
+    loss_sums: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    """LM, aux and z loss summed over the micro-batches that counted."""
+    microbatches: int = 0
+    """Micro-batches whose loss counted (those skipped for a NaN/Inf loss do not)."""
+    grad_norm_sum: float = 0.0
+    applied: int = 0
+    """Steps DeepSpeed applied (not skipped for a gradient overflow): the grad norm's count."""
+    seconds: float = 0.0
+    optimizer_seconds: float = 0.0
+
+    def add(self, loss_sums: list[float], microbatches: int, grad_norm: float, applied: bool, seconds: float,
+            optimizer_seconds: float) -> None:  # fmt: skip
+        self.steps += 1
+        self.loss_sums = [a + b for a, b in zip(self.loss_sums, loss_sums, strict=True)]
+        self.microbatches += microbatches
+        if applied and math.isfinite(grad_norm):
+            self.grad_norm_sum += grad_norm
+            self.applied += 1
+        self.seconds += seconds
+        self.optimizer_seconds += optimizer_seconds
+
+    def mean_losses(self) -> list[float]:
+        """This rank's mean LM, aux and z loss per counted micro-batch (NaN when none counted)."""
+        return [x / self.microbatches if self.microbatches else math.nan for x in self.loss_sums]
+
+
+def window_metrics(w: StepWindow, tokens_per_step: int, world: int, flops_per_token: float, peak: float) -> dict:
+    """Grad norm, throughput and MFU over a window: means over its steps (the grad norm over its
+    applied steps; NaN when DeepSpeed skipped them all), tokens/s = the window's tokens / its time."""
+    tps = w.steps * tokens_per_step / w.seconds
+    return {
+        "optim/grad_norm": w.grad_norm_sum / w.applied if w.applied else math.nan,
+        "throughput/step_time_s": w.seconds / w.steps, "throughput/optimizer_s": w.optimizer_seconds / w.steps,
+        "throughput/tokens_per_s": tps, "throughput/tokens_per_s_per_device": tps / world,
+        "throughput/tflops_per_device": flops_per_token * tps / world / 1e12,
+        "throughput/mfu": mfu(flops_per_token, tps / world, peak), "train/window_steps": w.steps,
+    }  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------

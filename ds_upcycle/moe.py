@@ -57,6 +57,9 @@ class MoEBlock(nn.Module):
         self.capacity_factors = (cfg.eval_capacity_factor, cfg.capacity_factor)  # (eval, train)
         self.min_capacity = cfg.min_capacity
         self.global_balance = cfg.balance == "global_batch"
+        self.balance_statistic = cfg.balance_statistic
+        # DeepSpeed's own l_aux is the local-scope, "deepspeed"-statistic loss; anything else is recomputed.
+        self.own_balance = self.global_balance or cfg.balance_statistic != "deepspeed"
         self.with_z_loss = cfg.z_loss_coef > 0
         self.aux_loss: torch.Tensor | None = None
         self.z_loss: torch.Tensor | None = None
@@ -89,11 +92,11 @@ class MoEBlock(nn.Module):
             cf = self.capacity_factors[int(self.training)]
             capacity = max(math.ceil(self.num_tokens / self.num_experts * cf * self.top_k), self.min_capacity)
             self.dropped_tokens = (exp_counts - capacity).clamp(min=0).sum()
-        if self.global_balance or self.with_z_loss:
+        if self.own_balance or self.with_z_loss:
             # DeepSpeed's gate does not expose its logits; recompute them (E columns: cheap).
             logits_TE = F.linear(x_BSD.reshape(-1, x_BSD.shape[-1]).float(), self.gate_weight.float())
-            if self.global_balance:
-                self.aux_loss = global_balance_loss(logits_TE, self.top_k)
+            if self.own_balance:
+                self.aux_loss = balance_loss(logits_TE, self.top_k, self.balance_statistic, self.global_balance)
             if self.with_z_loss:
                 self.z_loss = torch.logsumexp(logits_TE, dim=-1).square().mean()
         return out_BSD
@@ -113,21 +116,28 @@ class MoEBlock(nn.Module):
         return out
 
 
-def global_balance_loss(logits_TE: torch.Tensor, top_k: int) -> torch.Tensor:
-    """Load-balancing loss with expert fractions taken over the global batch.
+def balance_loss(logits_TE: torch.Tensor, top_k: int, statistic: str, global_scope: bool) -> torch.Tensor:
+    """Load-balancing loss E * sum_e mean_prob_e * frac_e (1 under perfect balance).
 
-    loss = E * sum_e mean_prob_e * frac_e, where mean_prob is over local tokens (it carries the
-    gradient) and frac_e is the fraction of all top-k routes, over every data-parallel rank,
-    that go to expert e (all-reduced, no gradient). It equals 1 under perfect balance, like
-    DeepSpeed's local loss, which counts first choices on local tokens only
-    (deepspeed/moe/sharded_moe.py top2gating).
+    mean_prob_e is the mean router probability of expert e over this rank's tokens (it carries the
+    gradient). frac_e is the share of counted routes that go to expert e, with no gradient:
+
+    - statistic "deepspeed" counts what DeepSpeed's gate counts: each token's first choice for
+      top_k <= 2, all top_k routes for top_k > 2 (deepspeed/moe/sharded_moe.py: top1gating and
+      top2gating use mask1, topkgating the full mask), so with global_scope False this equals
+      DeepSpeed's own l_aux; "all_routes" counts all top_k routes at every k.
+    - global_scope all-reduces the counts over every rank of the default process group (the whole
+      world: every rank routes its own tokens) before the division, for this micro-batch only.
     """
     probs_TE = logits_TE.softmax(dim=-1)
     num_experts = probs_TE.shape[-1]
-    routes_TK = probs_TE.topk(top_k, dim=-1).indices
+    if statistic == "deepspeed" and top_k <= 2:
+        routes_TK = probs_TE.argmax(dim=-1, keepdim=True)  # argmax, as DeepSpeed: the same tie-breaking
+    else:
+        routes_TK = probs_TE.topk(top_k, dim=-1).indices
     counts_E = torch.zeros(num_experts, device=probs_TE.device, dtype=torch.float32)
     counts_E.scatter_add_(0, routes_TK.reshape(-1), torch.ones(routes_TK.numel(), device=probs_TE.device))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if global_scope and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts_E)
     frac_E = counts_E / counts_E.sum()
     return num_experts * (probs_TE.mean(dim=0) * frac_E).sum()

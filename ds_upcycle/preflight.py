@@ -72,6 +72,8 @@ def validate(cfg: RunConfig, world_size: int) -> Derived:
     micro, accum, global_batch = check_batch(cfg.ds, world_size)
     lr = check_optimizer(cfg)
     hf = check_model(cfg)
+    if cfg.model.upcycle or hf.model_type == "mixtral":
+        check_moe_layout(cfg)
     check_data(cfg)
     check_output(cfg)
     check_logging(cfg)
@@ -90,8 +92,8 @@ def check_deepspeed_keys(ds: dict) -> None:
                 f"DeepSpeed key {key!r} is not one DeepSpeed reads ({hint}DeepSpeed would ignore it silently); fix or "
                 f"remove it (project settings go under {PROJECT_KEY!r})"
             )
-        if key in DEEPSPEED_SECTIONS and not isinstance(value, dict):
-            raise ValueError(f"DeepSpeed section {key} ({value!r}) must be a JSON object")
+        if key in DEEPSPEED_SECTIONS and not isinstance(value, dict) and value is not None:
+            raise ValueError(f"DeepSpeed section {key} ({value!r}) must be a JSON object (or null: left out)")
     for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "steps_per_print"):
         if key in ds and (isinstance(ds[key], bool) or not isinstance(ds[key], int) or ds[key] < 1):
             raise ValueError(f"{key} ({ds[key]!r}) must be a positive integer")
@@ -145,6 +147,32 @@ def check_zero(ds: dict) -> None:
         raise ValueError(f"zero_optimization.reduce_scatter (false) must be true for MoE under ZeRO-{stage}")
     if stage == 2 and zero.get("contiguous_gradients", True) is False:
         raise ValueError("zero_optimization.contiguous_gradients (false) must be true for MoE under ZeRO-2")
+
+
+def check_moe_layout(cfg: RunConfig) -> None:
+    """Layouts DeepSpeed gets wrong with MoE layers, refused with the reason."""
+    zero = cfg.ds.get("zero_optimization") or {}
+    stage = zero.get("stage", 0)
+    if stage == 0:
+        what = "zero_optimization.stage (0)" if "stage" in zero else "zero_optimization (absent: ZeRO stage 0)"
+        raise ValueError(
+            f"{what} is refused with MoE layers: without ZeRO-1/2 DeepSpeed clips gradients by a wrong norm under "
+            "expert parallelism (fp32 averages the ranks' norms, deepspeed issue #8475; bf16/fp16 with an unfused "
+            "optimizer leave the expert gradients out, PR #8613). Set zero_optimization.stage to 1 or 2"
+        )
+    if cfg.ds.get("use_data_before_expert_parallelism", False):
+        raise ValueError(
+            "use_data_before_expert_parallelism (true) is not supported: it puts expert-parallel groups on strided "
+            "ranks (deepspeed/utils/groups.py _create_expert_and_data_parallel), while online upcycling builds each "
+            "rank's experts for DeepSpeed's default contiguous groups (EP rank = rank % moe.ep_size); remove the key"
+        )
+    if cfg.moe.top_k == 1 and cfg.log.sample_prompt and cfg.moe.min_capacity > 1:
+        raise ValueError(
+            f"log.sample_prompt ({cfg.log.sample_prompt!r}) cannot be sampled with moe.top_k 1 and moe.min_capacity "
+            f"{cfg.moe.min_capacity}: DeepSpeed's top-1 gate asserts at least min_capacity tokens per forward "
+            "(deepspeed/moe/sharded_moe.py top1gating), and greedy decoding feeds one token at a time. Unset "
+            "log.sample_prompt or set moe.min_capacity=1"
+        )
 
 
 def check_batch(ds: dict, world_size: int) -> tuple[int, int, int]:

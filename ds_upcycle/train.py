@@ -18,6 +18,8 @@ of their router z-losses. DeepSpeed computes the balance loss but never adds it 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -59,6 +61,21 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
 
 
 @dataclass
+class Counters:
+    """Counts that span the whole run: saved in every checkpoint (ds_upcycle_state.json) and
+    restored on resume, so a resumed run reports and decides what an uninterrupted one would."""
+
+    skipped_microbatches: int = 0
+    """Micro-batches dropped for a NaN/Inf loss (train.on_nonfinite=skip)."""
+    skipped_steps: int = 0
+    """Steps DeepSpeed skipped for a gradient overflow."""
+    skip_streak: int = 0
+    """Consecutive skipped steps up to now (train.max_skipped_steps)."""
+    collapse_streak: int = 0
+    """Consecutive logging steps above log.collapse_max_over_mean."""
+
+
+@dataclass
 class Trainer:
     """Everything one rank of a run holds."""
 
@@ -83,8 +100,11 @@ class Trainer:
     peak_tflops: float
     summary: dict
     """Facts for summary.json, filled as the run goes."""
-    skipped_microbatches: int = 0
-    collapse_streak: int = 0
+    counters: Counters = field(default_factory=Counters)
+    window: Any = None
+    """metrics.StepWindow: the steps since the last logging step."""
+    train_mode_every_step: bool = True
+    """False once a step ran with any module in eval mode (checked every step)."""
     step_seconds: list[float] = field(default_factory=list)
     optimizer_seconds: list[float] = field(default_factory=list)
     last_metrics: dict = field(default_factory=dict)
@@ -169,9 +189,10 @@ def make_engine(cfg: RunConfig, model, derived: Derived):
     engine, _, _, scheduler = deepspeed.initialize(
         model=model,
         model_parameters=groups,
-        config=cfg.ds,
+        config={k: v for k, v in cfg.ds.items() if v is not None},  # null: a section left out
         lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule),
     )
+    checkpoint.attach(engine)  # each rank hashes what it writes and verifies what it reads
     return engine, scheduler
 
 
@@ -193,7 +214,7 @@ def build(cfg: RunConfig) -> Trainer:
 
     from ds_upcycle.distributed import bound_all_groups, init_distributed
     from ds_upcycle.loading import DTYPES
-    from ds_upcycle.metrics import RouterAccumulator, RunLogger, peak_tflops, wandb_mode
+    from ds_upcycle.metrics import RouterAccumulator, RunLogger, StepWindow, peak_tflops, wandb_mode
     from ds_upcycle.moe import moe_blocks
     from ds_upcycle.plan import make_plan
 
@@ -232,7 +253,7 @@ def build(cfg: RunConfig) -> Trainer:
         blocks=blocks, train_blocks=train_blocks, sampler=sampler, evals=evals, logger=logger,
         router=RouterAccumulator([i for i, _ in blocks], cfg.moe.num_experts), accum=derived.accum,
         tokens_per_step=tokens_per_step, flops_per_token=plan.train_flops_per_token(moe=bool(blocks)),
-        peak_tflops=peak, summary=summary,
+        peak_tflops=peak, summary=summary, window=StepWindow(),
     )  # fmt: skip
 
 
@@ -283,15 +304,20 @@ def log_eval(t: Trainer, step: int) -> float:
 
 @dataclass
 class StepResult:
-    losses: list[float]
-    """This rank's mean LM, aux and z loss over the step's micro-batches."""
+    loss_sums: list[float]
+    """This rank's LM, aux and z loss summed over the step's micro-batches that counted."""
+    microbatches: int
+    """Micro-batches whose loss counted (not skipped for a NaN/Inf loss)."""
     lr: float
-    """The learning rate this step applied."""
+    """The learning rate of this step (DeepSpeed applies none on a skipped step)."""
     grad_norm: float
+    applied: bool
+    """False when DeepSpeed skipped the update (gradient overflow: engine.was_step_applied())."""
     seconds: float
     optimizer_seconds: float
     nonfinite: str = ""
-    """Why the step is not usable (NaN/Inf loss or gradient norm), or empty."""
+    """Why the run must stop (NaN/Inf loss under on_nonfinite=stop, or NaN/Inf gradients that
+    DeepSpeed applied), or empty."""
 
 
 def _forward(t: Trainer, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -303,13 +329,36 @@ def _forward(t: Trainer, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor,
     return lm, aux, z
 
 
+def in_train_mode(t: Trainer) -> bool:
+    """True when every module is in train mode. It matters: HF runs activation checkpointing only
+    in train mode (GradientCheckpointingLayer checks self.training) and DeepSpeed's gate uses
+    capacity_factor in train mode, eval_capacity_factor otherwise (sharded_moe.py TopKGate.forward)."""
+    return all(m.training for m in t.engine.module.modules())
+
+
+@contextlib.contextmanager
+def _inject_inf_grad(t: Trainer, on: bool):
+    """debug.inject_inf_grad_at_steps: the first trainable parameter's gradient becomes Inf in this
+    backward pass, as an overflow would make it."""
+    if not on:
+        yield
+        return
+    p = next(p for p in t.engine.module.parameters() if p.requires_grad)
+    handle = p.register_hook(lambda g: torch.full_like(g, math.inf))
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
 def train_step(t: Trainer, step: int) -> StepResult:
     """Forward, backward and optimizer over the step's micro-batches (0-based ``step``)."""
     cfg = t.cfg
     t0 = time.perf_counter()
+    t.train_mode_every_step &= in_train_mode(t)
     lr = t.scheduler.get_last_lr()[0]  # the LR this step applies (get_last_lr moves on after it)
     sums = torch.zeros(3, dtype=torch.float64)
-    opt_time = 0.0
+    counted, opt_time = 0, 0.0
     for a in range(t.accum):
         ids = torch.from_numpy(t.train_blocks[t.sampler.indices(step, a)].astype(np.int64)).to(t.device)
         lm, aux, z = _forward(t, ids)
@@ -319,22 +368,49 @@ def train_step(t: Trainer, step: int) -> StepResult:
         t.router.add(t.blocks)
         if any_rank(not torch.isfinite(loss).item()):
             if cfg.train.on_nonfinite == "stop":
-                return StepResult([], lr, math.nan, 0.0, 0.0, f"loss is NaN/Inf at step {step + 1} (micro-batch {a})")
+                why = f"loss is NaN/Inf at step {step + 1} (micro-batch {a})"
+                return StepResult([], 0, lr, math.nan, False, 0.0, 0.0, why)
             # Drop this micro-batch: a zero loss over every parameter keeps the ranks' gradient
             # reductions in step and contributes nothing (the optimizer still steps, with
             # whatever the step's other micro-batches gave).
-            t.skipped_microbatches += 1
+            t.counters.skipped_microbatches += 1
             loss = sum((p * 0).sum() for p in t.engine.module.parameters() if p.requires_grad)
-            lm = torch.zeros(())
-        t.engine.backward(loss)
+        else:
+            sums += torch.tensor([lm.item(), aux.item(), z.item()], dtype=torch.float64)
+            counted += 1
+        with _inject_inf_grad(t, step in cfg.debug.inject_inf_grad_at_steps and a == t.accum - 1):
+            t.engine.backward(loss)
         t_opt = time.perf_counter()
         t.engine.step()  # the optimizer runs at the accumulation boundary; its cost grows with total params
         opt_time += time.perf_counter() - t_opt
-        sums += torch.tensor([lm.item(), aux.item(), z.item()], dtype=torch.float64)
+    # Under ZeRO-1/2 a non-finite gradient is an overflow: DeepSpeed skips the update, reports an
+    # infinite norm and leaves the LR scheduler where it was (stage_1_and_2.py step; engine.py
+    # _take_model_step steps the scheduler only when the step was applied).
+    applied = t.engine.was_step_applied()
     raw = t.engine.get_global_grad_norm()  # None: DeepSpeed computed none this step
     norm = math.nan if raw is None else float(raw)
-    bad = f"gradient norm is NaN/Inf at step {step + 1}" if raw is not None and not math.isfinite(norm) else ""
-    return StepResult((sums / t.accum).tolist(), lr, norm, time.perf_counter() - t0, opt_time, bad)
+    bad = ""
+    if applied and raw is not None and not math.isfinite(norm):
+        bad = f"gradient norm is NaN/Inf at step {step + 1} and DeepSpeed applied it (set bf16.check_grad_overflow to true)"
+    return StepResult(sums.tolist(), counted, lr, norm, applied, time.perf_counter() - t0, opt_time, bad)
+
+
+def count_skipped(t: Trainer, r: StepResult, step: int) -> str:
+    """Count a step DeepSpeed skipped; returns why the run must stop (train.max_skipped_steps in a
+    row under on_nonfinite=stop), or empty. A skipped step alone is no divergence: fp16's loss
+    scale skips some routinely."""
+    c = t.counters
+    if r.applied:
+        c.skip_streak = 0
+        return ""
+    c.skipped_steps += 1
+    c.skip_streak += 1
+    if t.rank == 0:
+        log.warning("step %d: DeepSpeed skipped the update (gradient overflow); weights and LR unchanged", step + 1)
+    limit = t.cfg.train.max_skipped_steps
+    if t.cfg.train.on_nonfinite == "stop" and limit and c.skip_streak >= limit:
+        return f"DeepSpeed skipped {c.skip_streak} steps in a row for a gradient overflow (up to step {step + 1})"
+    return ""
 
 
 # --------------------------------------------------------------------------------------------
@@ -344,23 +420,23 @@ def train_step(t: Trainer, step: int) -> StepResult:
 
 def step_metrics(t: Trainer, done: int, r: StepResult) -> tuple[dict, torch.Tensor]:
     """(scalars, global router counts [layers, E]) of one logging step (collective: losses and
-    router counts are all-reduced)."""
-    from ds_upcycle.metrics import mfu, peak_memory_gib, router_metrics
+    router counts are all-reduced). Every value covers the logging window (t.window, the steps since
+    the last logging step), except optim/lr (this step's), the cumulative counters and
+    memory/peak_gib (the peak so far)."""
+    from ds_upcycle.metrics import StepWindow, peak_memory_gib, router_metrics, window_metrics
 
     coef = t.cfg.moe
-    lm, aux, z = all_mean(r.losses)
+    lm, aux, z = all_mean(t.window.mean_losses())  # every rank counted the same micro-batches
     counts, dropped = t.router.reduce()
-    tps = t.tokens_per_step / r.seconds
     metrics = {
         "loss/lm": lm, "loss/aux": aux, "loss/z": z,
         "loss/total": lm + coef.aux_loss_coef * aux + coef.z_loss_coef * z,
-        "optim/lr": r.lr, "optim/grad_norm": r.grad_norm, "optim/skipped_microbatches": t.skipped_microbatches,
-        "throughput/step_time_s": r.seconds, "throughput/optimizer_s": r.optimizer_seconds,
-        "throughput/tokens_per_s": tps, "throughput/tokens_per_s_per_device": tps / t.world,
-        "throughput/tflops_per_device": t.flops_per_token * tps / t.world / 1e12,
-        "throughput/mfu": mfu(t.flops_per_token, tps / t.world, t.peak_tflops),
+        "optim/lr": r.lr, "optim/skipped_steps": t.counters.skipped_steps,
+        "optim/skipped_microbatches": t.counters.skipped_microbatches,
+        **window_metrics(t.window, t.tokens_per_step, t.world, t.flops_per_token, t.peak_tflops),
         "memory/peak_gib": peak_memory_gib(t.device), "train/tokens_seen": done * t.tokens_per_step,
     }  # fmt: skip
+    t.window = StepWindow()
     if t.layers:
         metrics.update(router_metrics(t.layers, counts, dropped, t.cfg.log.dead_expert_threshold))
         metrics.update(_collapse_alert(t, done, metrics["router/max_over_mean_worst"]))
@@ -373,12 +449,13 @@ def _collapse_alert(t: Trainer, done: int, worst: float) -> dict:
     threshold = t.cfg.log.collapse_max_over_mean
     if threshold <= 0:
         return {}
-    t.collapse_streak = t.collapse_streak + 1 if worst > threshold else 0
-    fired = t.collapse_streak >= t.cfg.log.collapse_patience
+    c = t.counters
+    c.collapse_streak = c.collapse_streak + 1 if worst > threshold else 0
+    fired = c.collapse_streak >= t.cfg.log.collapse_patience
     if fired:
         t.logger.alert(
             "router collapse",
-            f"max/mean expert load {worst:.2f} > {threshold} for {t.collapse_streak} logging steps (step {done})",
+            f"max/mean expert load {worst:.2f} > {threshold} for {c.collapse_streak} logging steps (step {done})",
         )
     return {"alerts/router_collapse": float(fired)}
 
@@ -394,15 +471,20 @@ def health(t: Trainer, done: int) -> dict:
     return health_metrics(t.blocks, t.cfg.moe, t.cfg.model.path)
 
 
-def log_step(t: Trainer, done: int, r: StepResult) -> None:
+def heatmap_due(done: int, last: bool, every: int) -> bool:
+    """At a logging step: every log.heatmap_every steps and at step 1, always at the last step
+    (-1: never)."""
+    return every >= 0 and (last or (every > 0 and (done % every == 0 or done == 1)))
+
+
+def log_step(t: Trainer, done: int, r: StepResult, last: bool) -> None:
     """Metrics to W&B, metrics.jsonl and the console; a load heatmap when due."""
     from ds_upcycle.metrics import heatmap_png
 
     metrics, counts = step_metrics(t, done, r)
     metrics.update(health(t, done))
     images = None
-    every = t.cfg.log.heatmap_every
-    if t.layers and every and (done % every == 0 or done == 1) and t.rank == 0:
+    if t.layers and heatmap_due(done, last, t.cfg.log.heatmap_every) and t.rank == 0:
         (t.out / "heatmaps").mkdir(exist_ok=True)
         png = heatmap_png(counts, t.layers, t.out / "heatmaps" / f"step_{done:06d}.png", f"step {done}")
         images = {"router/load_heatmap": str(png)}
@@ -425,30 +507,50 @@ def log_step(t: Trainer, done: int, r: StepResult) -> None:
 def save(t: Trainer, done: int) -> None:
     """A complete checkpoint after ``done`` steps: the data position is the step (the sampler is
     a pure function of it), plus the resolved config the export needs."""
-    state = {"data_position": {"next_step": done}, "config": t.cfg.to_dict()}
+    state = {
+        "data_position": {"next_step": done}, "lr_schedule_step": t.scheduler.last_epoch,
+        "counters": dataclasses.asdict(t.counters), "config": t.cfg.to_dict(),
+    }  # fmt: skip
     crash = done == t.cfg.debug.inject_crash_in_save_at_step
-    checkpoint.save(t.engine, t.ckpt_root, done, state, t.rank, crash)
+    saved = checkpoint.save(t.engine, t.ckpt_root, done, state, t.rank, crash)
+    size = sum(p.stat().st_size for p in saved["folder"].iterdir() if p.is_file())
+    hash_s = [r["hash_s"] for r in saved["ranks"]]
+    t.summary["last_commit"] = {"step": done, "checkpoint_bytes": size, "commit_s": saved["commit_s"],
+                                "ranks": saved["ranks"]}  # fmt: skip
     if t.rank == 0:
+        log.info("saved %s (%.2f GB): committed %.2f s after rank 0's last write; the ranks hashed their own "
+                 "files in %.2f-%.2f s", saved["folder"], size / 1e9, saved["commit_s"], min(hash_s), max(hash_s))  # fmt: skip
         checkpoint.prune(t.ckpt_root, t.cfg.train.keep_last)
 
 
 def resume(t: Trainer) -> int:
-    """The step to start from: the latest complete checkpoint's, or 0 when there is none."""
+    """The step to start from: the latest complete checkpoint's, or 0 when there is none. The
+    counters continue; the data position is the step and the LR schedule is DeepSpeed's saved one,
+    which counts applied steps only (the two differ by the skipped steps)."""
     state = checkpoint.load(t.engine, t.ckpt_root, t.rank)
     if state is None:
         return 0
+    t.counters = Counters(**state.get("counters", {}))
+    if "lr_schedule_step" in state and t.scheduler.last_epoch != state["lr_schedule_step"]:
+        raise ValueError(
+            f"checkpoint step {state['step']}: DeepSpeed's LR scheduler is at step {t.scheduler.last_epoch} but "
+            f"{checkpoint.STATE} says {state['lr_schedule_step']}; the checkpoint is inconsistent, resume from another"
+        )
+    t.summary["resumed_from"] = state["step"]
+    t.summary["verified_files"] = state["verified_files"]  # rank 0's: what it read
     if t.rank == 0:
-        log.info("resumed from %s at step %d", t.ckpt_root / checkpoint.tag_for(state["step"]), state["step"])
+        log.info("resumed from %s at step %d (verified the %d files this rank read)",
+                 t.ckpt_root / checkpoint.tag_for(state["step"]), state["step"], len(state["verified_files"]))  # fmt: skip
     return state["step"]
 
 
-def stop_nonfinite(t: Trainer, why: str) -> None:
+def stop_nonfinite(t: Trainer, why: str, fix: str = "set train.on_nonfinite=skip") -> None:
     """Stop without saving: the last complete checkpoint stays the one to resume from."""
     t.logger.alert("non-finite loss", f"{why}; stopping. The last good checkpoint is kept, nothing is saved.")
     t.logger.finish()
     raise NonFiniteError(
         f"{why}; stopped without saving (last complete checkpoint: "
-        f"{checkpoint.latest_tag(t.ckpt_root) or 'none'}). Lower the learning rate or set train.on_nonfinite=skip"
+        f"{checkpoint.latest_tag(t.ckpt_root) or 'none'}). Lower the learning rate or {fix}"
     )
 
 
@@ -500,6 +602,7 @@ def finish(t: Trainer, start: int, stop: int) -> dict:
     t.summary["peak_memory_gib"] = peak_memory_gib(t.device)
     t.summary.update(
         steps_done=done, final_train_loss=m.get("loss/lm"), max_over_mean=m.get("router/max_over_mean_worst"),
+        counters=dataclasses.asdict(t.counters), train_mode_every_step=t.train_mode_every_step,
         checkpoint=str(t.ckpt_root / latest) if (latest := checkpoint.latest_tag(t.ckpt_root)) else None,
         router_final={k: v for k, v in m.items() if k.startswith("router/")},
     )  # fmt: skip
@@ -529,12 +632,17 @@ def run(cfg: RunConfig, guard: lifecycle.RankGuard | None = None) -> dict:
         result = train_step(t, step)
         if result.nonfinite:
             stop_nonfinite(t, result.nonfinite)
+        too_many_skips = count_skipped(t, result, step)
+        if too_many_skips:
+            stop_nonfinite(t, too_many_skips, "raise train.max_skipped_steps (0: never stop for skipped steps)")
         t.step_seconds.append(result.seconds)
         t.optimizer_seconds.append(result.optimizer_seconds)
+        t.window.add(result.loss_sums, result.microbatches, result.grad_norm, result.applied, result.seconds,
+                     result.optimizer_seconds)  # fmt: skip
         done = step + 1
         stopping = stop_requested(t, guard)
         if done % cfg.log.every == 0 or done == stop or stopping:
-            log_step(t, done, result)
+            log_step(t, done, result, last=done == stop or stopping)
         if stopping:
             preempt(t, done, guard)
         if cfg.log.eval_every and done % cfg.log.eval_every == 0 and done != stop:
@@ -626,7 +734,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("config", help="a run config file, or a shipped config's name (e.g. cpu_debug_zero2_ep2)")
     p.add_argument(
-        "--num-gpus", type=int, default=None, help="ranks on this machine (CPU ranks without GPUs; default 1)"
+        "--num-gpus",
+        type=int,
+        default=None,
+        help="ranks on this machine (default: every local device, as the deepspeed launcher counts them; 1 CPU rank per NUMA node)",
     )
     p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile (see hostfiles/); world size = its slots")
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: the launcher's 29500)")

@@ -63,26 +63,31 @@ def expert_parallel_rank(ep_size: int) -> int:
     return 0
 
 
+ZEROS_JITTER_STD = 1e-6
+"""Std of the seeded jitter of router_init "zeros". Exactly zero logits tie, and argmax breaks ties
+towards the lowest index (deepspeed/moe/sharded_moe.py top2gating), so every token would go to
+experts 0..k-1. With the jitter the choice depends on the token, spread over the experts, while the
+router probabilities stay uniform to about 1e-6 x |x|."""
+
+
 def router_init(cfg: MoEConfig, layer: int, hidden_size: int) -> torch.Tensor:
     """The router weight [num_experts, D] for one layer: a pure function of (seed, layer), so it is
     identical on every rank without a broadcast.
 
     One row per copy of the dense MLP, repeated for the copy's granularity segments ("virtual
     groups", arXiv 2410.07524): the G experts of a copy get equal logits, so renormalised top-k
-    takes or leaves whole copies. Copies must not tie with each other (config.py refuses "zeros"
-    with G > 1): torch.topk breaks ties in no fixed order and could split them.
+    takes or leaves whole copies. Copies must not tie with each other (torch.topk breaks ties in no
+    fixed order and could split them): "zeros" is therefore zeros plus a seeded jitter per copy.
     """
     copies = cfg.num_copies
-    if cfg.router_init == "zeros":
-        rows = torch.zeros(copies, hidden_size)
+    gen = torch.Generator().manual_seed(cfg.seed * 100_003 + layer)
+    if cfg.router_init == "uniform":
+        # U(-a, a) has std a / sqrt(3): the same std as the normal init.
+        half_width = cfg.router_init_std * math.sqrt(3.0)
+        rows = (torch.rand(copies, hidden_size, generator=gen) * 2 - 1) * half_width
     else:
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + layer)
-        if cfg.router_init == "uniform":
-            # U(-a, a) has std a / sqrt(3): the same std as the normal init.
-            half_width = cfg.router_init_std * math.sqrt(3.0)
-            rows = (torch.rand(copies, hidden_size, generator=gen) * 2 - 1) * half_width
-        else:
-            rows = torch.randn(copies, hidden_size, generator=gen) * cfg.router_init_std
+        std = ZEROS_JITTER_STD if cfg.router_init == "zeros" else cfg.router_init_std
+        rows = torch.randn(copies, hidden_size, generator=gen) * std
     return rows.repeat_interleave(cfg.granularity, dim=0)
 
 

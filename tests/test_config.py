@@ -27,6 +27,8 @@ def test_defaults_follow_the_paper():
         (dict(router_init="xavier"), r"moe.router_init \('xavier'\) must be one of 'normal', 'zeros'"),
         (dict(expert_init="granular"), r"moe.expert_init \('granular'\) must be one of 'copy', 'noise'"),
         (dict(balance="global"), r"moe.balance \('global'\) must be one of 'micro_batch', 'global_batch'"),
+        (dict(balance_statistic="top1"), r"moe.balance_statistic \('top1'\) must be one of 'deepspeed', 'all_routes'"),
+        (dict(router_weight_decay=-0.1), r"moe.router_weight_decay \(-0.1\) must be >= 0"),
         (dict(router_init_std=0.0), r"moe.router_init_std \(0.0\) must be > 0"),
         (dict(moe_layers="odd"), r"moe.moe_layers \('odd'\) must be \"all\", \"every_K\""),
         (dict(moe_layers=[]), r"moe.moe_layers \(\[\]\) must name at least one layer"),
@@ -119,3 +121,11 @@ def test_override_values_parse_as_json_else_string():
         (["a", "d"], "x/y"),
         (["a", "e"], [1, 2]),
     ]
+
+
+def test_skipped_step_limit_is_validated():
+    from ds_upcycle.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"train.max_skipped_steps \(-1\) must be >= 0"):
+        TrainConfig(max_skipped_steps=-1)
+    assert TrainConfig().max_skipped_steps == 10

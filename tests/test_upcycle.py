@@ -191,3 +191,17 @@ def test_upcycled_blocks_keep_the_models_mode(tiny_llama):
     assert all(not block.training for _, block in moe_blocks(model))
     model.train()
     assert all(block.training for _, block in moe_blocks(model))
+
+
+def test_zero_router_init_spreads_step0_routes(dist_world, tiny_llama):
+    """All-zero logits would tie and argmax would send every token to experts 0 and 1; the seeded
+    jitter spreads the first step's routes over all experts (and parity holds, above)."""
+    model = upcycle(tiny_llama(), MoEConfig(router_init="zeros"))
+    attach_process_groups(model)
+    with torch.no_grad():
+        model.train()(_probe(model, batch=4, seq=64))
+    for i, block in moe_blocks(model):
+        counts = block.exp_counts.double()
+        assert counts.sum() == 2 * 256 and (counts > 0).all(), f"layer {i}: {counts.tolist()}"
+        assert counts.max() / counts.mean() < 1.5, f"layer {i}: {counts.tolist()}"
+        assert block.gate_weight.abs().max() < 1e-5  # still "zeros": near-uniform probabilities

@@ -6,6 +6,7 @@
     ds-upcycle bench gpu                           # the same on one GPU, bf16 (benchmarks/gpu_h200.sh)
     ds-upcycle bench prepare --corpus-mb 10 40     # data preparation: seconds and peak RSS vs size, num_proc
     ds-upcycle bench sampler                       # seconds per step choosing blocks at 12M blocks
+    ds-upcycle bench commit --sizes 1 2.5          # checkpoint commit: each rank hashing its files vs one rank all
 
 Every run records the machine, software versions, shapes and repeats. Timings are medians;
 nothing here is asserted in tests except the memory bound of the streaming conversion.
@@ -463,6 +464,73 @@ def gpu_bench(args, moe: MoEConfig) -> StepBench:
     )
 
 
+# --------------------------------------------------------------------------------------------
+# Checkpoint commit
+# --------------------------------------------------------------------------------------------
+
+
+def commit_row(work: Path, size_gb: float, moe: MoEConfig, master_port: int | None) -> dict:
+    """One 2-rank training step of a wide 2-layer model whose checkpoint is about size_gb (experts
+    dominate: 16 bytes per parameter with ZeRO's fp32 copy and Adam moments), saved at the end.
+    parallel: the in-run commit as rank 0 saw it, from its last file written to the commit done
+    (its own hashing, the wait for rank 1's, the merge); the longest wait is the fastest rank's idle
+    time in the collective. serial: one process hashing every file of the folder, as rank 0 did alone
+    before, every other rank waiting in a collective all that time."""
+    import dataclasses
+
+    from ds_upcycle import checkpoint
+    from ds_upcycle.launch import run_training
+    from ds_upcycle.tools.tiny import write_tiny_setup
+
+    setup = write_tiny_setup(work / "data")
+    inter = max(128, round(size_gb * 1e9 / (16 * 2 * moe.num_experts * 3 * 256)))
+    shape = dict(hidden_size=256, intermediate_size=inter, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=320, max_position_embeddings=256, tie_word_embeddings=False)  # fmt: skip
+    model = work / "model"
+    write_random_dense(model, shape)
+    for f in Path(setup["model"]).glob("tokenizer*"):
+        shutil.copy(f, model / f.name)
+    out = work / "run"
+    overrides = to_overrides({
+        "model.path": str(model), **{f"moe.{k}": v for k, v in dataclasses.asdict(moe).items()}, "moe.ep_size": 2,
+        "data.train": [setup["train"]], "data.eval": [setup["eval"]], "data.seq_len": 64, "data.eval_batches": 1,
+        "data.cache_dir": str(work / "cache"), "train.steps": 1, "train.save_every": 0, "train.output_dir": str(out),
+        "log.wandb": "disabled", "ds.train_micro_batch_size_per_gpu": 1,
+    })  # fmt: skip
+    result = run_training("cpu_debug_zero2_ep2", overrides, num_gpus=2, master_port=master_port, capture=True)
+    if result.returncode != 0:
+        raise RuntimeError(f"the {size_gb} GB run failed:\n{result.output[-4000:]}")
+    stats = result.summary["last_commit"]
+    files = [p for p in (out / "checkpoints" / checkpoint.tag_for(1)).iterdir() if p.is_file()]
+    t0 = time.perf_counter()
+    for f in files:
+        checkpoint.file_entry(f)
+    serial = time.perf_counter() - t0
+    hash_s = [r["hash_s"] for r in stats["ranks"]]
+    return {"checkpoint_gb": stats["checkpoint_bytes"] / 1e9, "files": len(files), "serial_s": serial,
+            "parallel_s": stats["commit_s"], "rank_hash_s": "/".join(f"{h:.2f}" for h in hash_s),
+            "rank_gb": "/".join(f"{r['hashed_bytes'] / 1e9:.2f}" for r in stats["ranks"]),
+            "idle_wait_s": stats["commit_s"] - min(hash_s)}  # fmt: skip
+
+
+def bench_commit(args, moe: MoEConfig, emit) -> tuple[list[dict], list, dict]:
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="ds_upcycle_commit_"))
+    rows = []
+    try:
+        for size in args.sizes:
+            rows.append(commit_row(work / f"s{size}", size, moe, args.master_port))
+            emit(rows)
+            shutil.rmtree(work / f"s{size}", ignore_errors=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    cols = [("checkpoint_gb", "checkpoint GB", ".2f"), ("files", "files", "d"),
+            ("serial_s", "serial s (one rank hashes all; the others wait it all)", ".2f"),
+            ("parallel_s", "parallel commit s", ".2f"), ("rank_gb", "GB hashed per rank", ""),
+            ("rank_hash_s", "s per rank", ""), ("idle_wait_s", "longest wait s", ".2f")]  # fmt: skip
+    return rows, cols, {"ranks": 2, "num_experts": moe.num_experts}
+
+
 def _table(rows: list[dict], cols: list[tuple[str, str, str]]) -> str:
     out = ["| " + " | ".join(c[1] for c in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -489,7 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(read, tokenise with data.num_proc processes, pack to disk) of generated .txt corpora: seconds, MB/s and "
         "peak RSS against corpus size. sampler: seconds per optimizer step spent choosing blocks at --blocks "
         "blocks in the paper's layout (micro-batch 1, accumulation 16, 64 ranks), before and after keeping "
-        "each epoch's order.",
+        "each epoch's order. commit: the checkpoint "
+        "commit of a 2-rank run at the given checkpoint sizes (--sizes, GB): each rank hashing its own files "
+        "(in-run) against one process hashing them all (the former rank-0 design).",
     )
     p.add_argument("what", choices=sorted(BENCHES), help="which benchmark")
     p.add_argument("--layers", type=int, default=0, help="step: SmolLM2 shape with N layers (default 30); gpu: 3")
@@ -499,13 +569,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accum", type=int, default=4, help="gpu: gradient accumulation steps (default 4)")
     p.add_argument("--smoke", action="store_true", help="gpu: run the same path on CPU with a tiny model (a check)")
     p.add_argument("--copy-runs", default=None, help="gpu/step: copy each run's summary.json and metrics.jsonl here")
-    p.add_argument("--master-port", type=int, default=None, help="step/gpu: rendezvous port")
+    p.add_argument("--master-port", type=int, default=None, help="step, gpu, commit: rendezvous port")
     p.add_argument(
         "--sizes",
         type=float,
         nargs="+",
         default=[0.5, 2.5],
-        help="conversion: dense checkpoint sizes in GB (default 0.5 2.5)",
+        help="conversion: dense checkpoint sizes in GB; commit: checkpoint sizes in GB (default 0.5 2.5)",
     )
     p.add_argument(
         "--tokens", type=int, nargs="+", default=[512, 2048, 4096], help="block: token counts (default 512 2048 4096)"
@@ -640,7 +710,8 @@ def bench_sampler(args, moe: MoEConfig, emit) -> tuple[list[dict], list, dict]:
 
 
 BENCHES = {"conversion": bench_conversion, "block": bench_block, "step": bench_training, "gpu": bench_training,
-           "preflight": bench_preflight, "prepare": bench_prepare, "sampler": bench_sampler}  # fmt: skip
+           "preflight": bench_preflight, "prepare": bench_prepare, "sampler": bench_sampler,
+           "commit": bench_commit}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
