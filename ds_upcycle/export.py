@@ -212,30 +212,33 @@ def upcycle_offline(
         if not mixtral.SHARED.match(key):
             raise ValueError(f"dense tensor {key!r} has no Mixtral counterpart; refusing to drop it silently")
         specs[key] = TensorSpec(key, shape, load)
+    held: dict[tuple[int, int], dict[str, torch.Tensor]] = {}  # one expert at a time, over all layers
     for layer, mlp in sorted(mlps.items()):
-        _add_upcycled_experts(specs, layer, mlp, moe, dense_cfg.hidden_size)
+        _add_upcycled_experts(specs, layer, mlp, moe, dense_cfg.hidden_size, held)
     dtype = dtype or short_dtype_name(getattr(dense_cfg, "dtype", None))
     report = write_mixtral(specs, dense_cfg, moe, src, Path(out), dtype, overwrite, max_shard_bytes,
                            "upcycle" if progress else "", {"the dense model": src})  # fmt: skip
     return {"source": str(src), **report}
 
 
-def _add_upcycled_experts(specs: dict, layer: int, mlp: dict[str, tuple], moe: MoEConfig, hidden: int) -> None:
+def _add_upcycled_experts(
+    specs: dict, layer: int, mlp: dict[str, tuple], moe: MoEConfig, hidden: int, held: dict
+) -> None:
     """Specs for one layer's router and experts. Each expert is computed once from the layer's
-    three dense matrices (the reader keeps the last three) and held until its three tensors are written."""
+    three dense matrices (the reader keeps the last three) and held until its three tensors are
+    written. ``held`` is shared by all layers, so at most one expert is in memory at any time."""
     from ds_upcycle.upcycle import MLP_PROJECTIONS, expert_weights, router_init
 
     missing = [p for p in MLP_PROJECTIONS if p not in mlp]
     if missing:
         raise ValueError(f"dense layer {layer} lacks mlp.{missing[0]}.weight; upcycle needs gate, up and down")
-    held: dict[int, dict[str, torch.Tensor]] = {}
 
     def weights(expert: int) -> dict[str, torch.Tensor]:
-        if expert not in held:
+        if (layer, expert) not in held:
             held.clear()
             dense = {p: mlp[p][1]() for p in MLP_PROJECTIONS}
-            held[expert] = expert_weights(dense, moe, layer, expert)
-        return held[expert]
+            held[layer, expert] = expert_weights(dense, moe, layer, expert)
+        return held[layer, expert]
 
     gate = mixtral.router_name(layer)
     specs[gate] = TensorSpec(gate, (moe.num_experts, hidden), lambda: router_init(moe, layer, hidden))

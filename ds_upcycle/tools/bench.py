@@ -93,7 +93,7 @@ import json, os, sys, threading, time
 from ds_upcycle.config import MoEConfig
 from ds_upcycle.export import upcycle_offline
 # Import what the conversion imports lazily, so the baseline holds the libraries, not the work.
-import safetensors.torch, tqdm, transformers
+import safetensors.torch, tqdm, transformers, ds_upcycle.upcycle, ds_upcycle.mixtral
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig, LlamaConfig, MixtralConfig
 MixtralConfig(); LlamaConfig(); AutoConfig.for_model("llama")
 
