@@ -379,10 +379,15 @@ def check_remote_paths(launch_file: Path, cwd: Path) -> None:
         )
 
 
-def stop_ranks(out_dir: Path, hosts: list[str], ssh_port: int | None, env: dict[str, str], marker: str) -> list[str]:
-    """SIGKILL the processes of this run that are still alive: each host's launcher and ranks, by
-    the PIDs the ranks recorded, and only where the process's command line still holds ``marker``
-    (so a reused PID is never hit). Returns one line per process stopped.
+def stop_ranks(
+    out_dir: Path, hosts: list[str], ssh_port: int | None, env: dict[str, str], marker: str, sig: str = "KILL",
+    ranks_only: bool = False,
+) -> list[str]:  # fmt: skip
+    """Send ``sig`` (SIGKILL by default) to the processes of this run that are still alive: each
+    host's launcher and ranks (or, with ``ranks_only``, the ranks), by the PIDs the ranks recorded,
+    and only where the process's command line still holds ``marker`` (so a reused PID is never hit).
+    Returns one line per process signalled. SIGTERM to the ranks is a preemption request: each rank's
+    RankGuard (ds_upcycle/lifecycle.py) finishes its step, all save, and they exit 75.
 
     Never SIGTERM DeepSpeed's runner for this: its handler runs ``pkill -f`` on the command line
     every host's launcher shares (runner.py, sigkill_handler; multinode_runner.py, kill_command),
@@ -391,7 +396,8 @@ def stop_ranks(out_dir: Path, hosts: list[str], ssh_port: int | None, env: dict[
     targets: dict[int, dict[int, str]] = {}
     for r in rank_records(out_dir):
         pids = targets.setdefault(r["node_rank"], {})
-        pids.setdefault(r["launcher_pid"], "the launcher")
+        if not ranks_only:
+            pids.setdefault(r["launcher_pid"], "the launcher")
         pids[r["pid"]] = f"rank {r['rank']}"
     work = [(hosts[n], pids) for n, pids in sorted(targets.items()) if n < len(hosts)]
 
@@ -400,7 +406,7 @@ def stop_ranks(out_dir: Path, hosts: list[str], ssh_port: int | None, env: dict[
         script = (
             f"M={shlex.quote(marker)}; for p in {' '.join(map(str, pids))}; do "
             "c=$(tr '\\0' ' ' 2>/dev/null </proc/$p/cmdline) || continue; case \"$c\" in *\"$M\"*) "
-            "s=$(sed -n 's/.*) \\(.\\) .*/\\1/p' /proc/$p/stat); kill -KILL $p 2>/dev/null && echo \"$p $s\";; "
+            f"s=$(sed -n 's/.*) \\(.\\) .*/\\1/p' /proc/$p/stat); kill -{sig} $p 2>/dev/null && echo \"$p $s\";; "
             "esac; done; true"
         )
         try:
@@ -458,10 +464,6 @@ def _kill_local_tree(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _interrupt(signum, frame):
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def _exit_meaning(code: int) -> str:
     if code == 255:
         return "its ssh session ended with code 255: the connection was lost, or the host's processes were killed"
@@ -477,10 +479,17 @@ class MultiHostJob:
     out_dir: Path
     marker: str
     env: dict[str, str]
+    grace_s: float = 150.0
+    """After a stop request, how long the ranks have to save and exit before everything is killed."""
     exits: list = field(default_factory=list)
     """(host, exit code, time) of each host whose launcher failed, in order, as pdsh reports them."""
     stopped: list[str] = field(default_factory=list)
     stopped_at: float | None = None
+
+    def request_stop(self) -> list[str]:
+        """Preemption across hosts: SIGTERM every rank (never DeepSpeed's runner, whose handler would
+        pkill every DeepSpeed job on the hosts, nor launch.py, which SIGKILLs its ranks 30 s later)."""
+        return stop_ranks(self.out_dir, self.hosts, self.ssh_port, self.env, self.marker, "TERM", ranks_only=True)
 
     def stop_left_overs(self) -> None:
         began = time.monotonic()
@@ -518,14 +527,29 @@ def supervise_hosts(
     )  # fmt: skip
     err = _Reader(proc.stderr, sys.stderr, capture, job.exits)
     out = _Reader(proc.stdout, sys.stdout, True) if capture else None
-    start, stopped_at = time.monotonic(), None
+    start, stopped_at, stop_requested_at = time.monotonic(), None, None
+    signals: list[int] = []
     on_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _interrupt) if on_main else None  # SIGTERM cleans up like Ctrl-C
+    previous = {s: signal.signal(s, lambda n, _: signals.append(n)) for s in lifecycle.STOP_SIGNALS} if on_main else {}
     try:
         while proc.poll() is None:
             time.sleep(0.2)
             now = time.monotonic()
-            if stopped_at is None and job.exits and now - job.exits[0][2] > STRAGGLER_GRACE_S:
+            if signals and stop_requested_at is None:  # the first SIGTERM/SIGINT: the ranks save and exit
+                stop_requested_at = now
+                print("[ds_upcycle] stop requested: every rank finishes its step, saves a checkpoint and exits",
+                      file=sys.stderr, flush=True)  # fmt: skip
+                job.request_stop()
+            if len(signals) > 1 or (stop_requested_at is not None and now - stop_requested_at > job.grace_s):
+                job.stop_left_overs()  # a second signal, or a save past its grace: stop at once
+                _kill_local_tree(proc)
+                break
+            if (
+                stop_requested_at is None
+                and stopped_at is None
+                and job.exits
+                and now - job.exits[0][2] > STRAGGLER_GRACE_S
+            ):
                 stopped_at = now
                 job.stop_left_overs()
             elif stopped_at is not None and now - stopped_at > SSH_CONNECT_TIMEOUT_S + 20:
@@ -537,8 +561,12 @@ def supervise_hosts(
         _kill_local_tree(proc)
         raise
     finally:
-        if on_main:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if len(signals) > 1:
+        return 128 + signals[-1], out.text() if out else "", err.text()
+    if stop_requested_at is not None:  # preempted: the ranks saved and exited 75; no failure to explain
+        return proc.returncode, out.text() if out else "", err.text()
     if proc.returncode != 0 and stopped_at is None:
         job.stop_left_overs()  # e.g. ranks whose host's session died under them
     note = job.note() if proc.returncode != 0 else ""
@@ -633,7 +661,7 @@ def run_training(
     started = time.time()
     note = ""
     if multi:
-        job = MultiHostJob(hosts, ssh_port, out, marker, full_env)
+        job = MultiHostJob(hosts, ssh_port, out, marker, full_env, grace_s=cfg.train.preempt_save_timeout_s + 30)
         with shm_cleanup():
             returncode, stdout, stderr = supervise_hosts(cmd, job, capture=capture, timeout=timeout, cwd=cwd)
         note = job.note() if returncode != 0 else ""

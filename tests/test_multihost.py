@@ -158,7 +158,8 @@ def test_two_hosts_train_fail_resume_and_export(cluster, tiny_setup, reference_r
     1. `deepspeed --hostfile` directly, a rank per host, ep 2 across them, ZeRO-2: steps 1-3.
     2. `ds-upcycle train --hostfile` resumes from that checkpoint; the second host dies at step >= 5.
     3. it resumes again; a rank of the second host hangs (SIGSTOP) after the next checkpoint.
-    4. it resumes again for two more steps, hostile strings in the config; the export matches HF Mixtral.
+    4. it resumes again, hostile strings in the config, and SIGTERM to the front end preempts it on both
+       hosts (exit 75, a verified checkpoint of the last step); the export matches HF Mixtral.
     Every logged loss equals the reference's; no failure leaves a process behind."""
     out = tmp_path / "run"
     measured = {}
@@ -226,18 +227,28 @@ def test_two_hosts_train_fail_resume_and_export(cluster, tiny_setup, reference_r
     assert kept_after_hang > kept
     checkpoint.verify(out / "checkpoints" / checkpoint.tag_for(kept_after_hang))
 
-    # 4. Resume to step 9 through the front end, with a list override and a hostile string that
-    # must reach every rank intact (they read the launch file, not arguments), and W&B's mode and
-    # the thread count from the launching environment.
+    # 4. Resume through the front end, with a list override and a hostile string that must reach
+    # every rank intact (they read the launch file, not arguments), and W&B's mode and the thread
+    # count from the launching environment; two steps in, SIGTERM to the front end preempts the run
+    # on both hosts: every rank finishes its step, all save it, and the job exits 75.
     log = tmp_path / "resume.log"
     assert not any((d / ".deepspeed_env").exists() for d in (ROOT, Path.home()))  # only the front end forwards
     env = _env(cluster, WANDB_MODE="offline")
     job = _front_end(cluster, tiny_setup, out, log, env=env, **{
-        "train.resume": True, "train.stop_after": kept_after_hang + 2, "log.notes": HOSTILE, "log.name": HOSTILE,
-        "log.wandb": "offline",
+        "train.resume": True, "log.notes": HOSTILE, "log.name": HOSTILE, "log.wandb": "offline",
+        "debug.step_delay_s": 0.5,
         "debug.report_env": ["WANDB_MODE", "OMP_NUM_THREADS", "SSH_CONNECTION", "PYTHONPATH"]})  # fmt: skip
     with _stopped_on_failure(job):
-        assert job.wait(timeout=600) == 0, log.read_text()[-4000:]
+        _wait_for(lambda: max(_logged_steps(out), default=0) >= kept_after_hang + 2, job, log)
+        job.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        rc = job.wait(timeout=300)
+    measured["SIGTERM to the front end"] = time.monotonic() - t0
+    assert rc == 75, log.read_text()[-4000:]
+    preempted = json.loads((out / "preempted.json").read_text())
+    assert _latest_step(out) == preempted["step"] == max(losses(out)) > kept_after_hang + 1
+    checkpoint.verify(out / "checkpoints" / checkpoint.tag_for(preempted["step"]))
+    assert "Resume with:" in log.read_text() and _left_over(out, cluster) == []
     resolved = json.loads((out / "config.json").read_text())
     assert resolved["ds_upcycle"]["log"]["notes"] == HOSTILE and resolved["ds_upcycle"]["log"]["name"] == HOSTILE
     assert read_launch_file(out / LAUNCH_FILE)[0].to_dict() == resolved
@@ -250,7 +261,6 @@ def test_two_hosts_train_fail_resume_and_export(cluster, tiny_setup, reference_r
 
     assert read_config(find_run_file(out))["ds_upcycle"]["log"]["notes"] == HOSTILE
     measured["max |dloss|"] = _losses_vs_reference(reference_run, out)
-    assert max(losses(out)) == kept_after_hang + 2
     print("two hosts:", {k: round(v, 8) for k, v in measured.items()}, f"kept: step {kept}, then {kept_after_hang}")
     assert measured["max |dloss|"] <= 1e-5
 
