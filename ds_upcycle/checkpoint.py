@@ -147,7 +147,8 @@ def save(
 ) -> dict:  # fmt: skip
     """Collective: every rank calls it. Returns the checkpoint folder, ``commit_s`` (from this rank's
     last file written to the commit done: its hashing, the wait for the other ranks, rank 0's merge),
-    ``layout_free_s`` (this rank's time writing its share of the layout-free part) and ``ranks``:
+    ``native_s`` and ``layout_free_s`` (this rank's time in DeepSpeed's save and writing its share of
+    the layout-free part) and ``ranks``:
     each rank's hashed bytes and seconds (rank 0 has them all, the others their own).
 
     crash_before_commit (a debug hook for tests) kills rank 0 after the files are written and
@@ -161,6 +162,7 @@ def save(
     barrier()
     io = attach(engine)
     io.written = []
+    t_native = time.perf_counter()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     t_free = time.perf_counter()
     free = layout_free.save(engine, folder, rank, crash_in_layout_free)
@@ -187,7 +189,8 @@ def save(
         _, ranks = commit(folder, world)
         atomic_write_text(root / LATEST, tag)
     barrier()
-    return {"folder": folder, "commit_s": time.perf_counter() - t0, "layout_free_s": layout_free_s, "ranks": ranks}
+    return {"folder": folder, "commit_s": time.perf_counter() - t0, "native_s": t_free - t_native,
+            "layout_free_s": layout_free_s, "ranks": ranks}  # fmt: skip
 
 
 def commit(folder: Path, world: int) -> tuple[dict, list[dict]]:
@@ -381,12 +384,9 @@ def load(engine, root: Path, rank: int, layout: dict | None = None) -> dict | No
                 "part (saved by an older ds_upcycle); resume it with the world size and moe.ep_size it was saved with"
             )
         verified = layout_free.load(engine, folder, lambda rel: check_file(folder, rel, manifest))
-        return {
-            **state,
-            **_load_rng(folder, manifest, rank, verified),
-            "resume_mode": "layout_free",
-            "changed": changed,
-        }
+        rng = _load_rng(folder, manifest, rank, verified)
+        barrier()  # every rank has read its files: from here on a save may move the folder aside
+        return {**state, **rng, "resume_mode": "layout_free", "changed": changed}
     io = attach(engine)
     io.folder, io.manifest, io.verified = folder, manifest, []
     try:
@@ -397,7 +397,9 @@ def load(engine, root: Path, rank: int, layout: dict | None = None) -> dict | No
         io.folder = None
     if load_path is None:
         raise ValueError(f"DeepSpeed could not load checkpoint {folder}")
-    return {**state, **_load_rng(folder, manifest, rank, io.verified), "resume_mode": "native", "changed": []}
+    rng = _load_rng(folder, manifest, rank, io.verified)
+    barrier()  # every rank has read its files: from here on a save may move the folder aside
+    return {**state, **rng, "resume_mode": "native", "changed": []}
 
 
 def _load_rng(folder: Path, manifest: dict, rank: int, verified: list[str]) -> dict:

@@ -14,8 +14,9 @@ Files, in ``<step folder>/layout_free/``:
 
 Save (collective): each parameter is written once, by one rank of its data-parallel group (any rank
 for dense parameters, the expert-data-parallel group for an expert), picked by a greedy balance of
-bytes, so every rank writes its share at once. Its ZeRO fragments are reduced onto that rank (a
-zero-filled buffer per rank, as DeepSpeed's ``get_full_hp_param`` does, but onto one rank).
+bytes. Its ZeRO fragments are reduced onto that rank (a zero-filled buffer per rank, as DeepSpeed's
+``get_full_hp_param`` does, but onto one rank), batch by batch, and after each batch every rank
+writes its files at once.
 
 Why not DeepSpeed's ``safe_get_full_optimizer_state``: in 0.19.8 it works for the parameters of
 the first optimizer group only. ``DeepSpeedZeroOptimizer._optimizer_step(i)`` links every group's
@@ -52,6 +53,8 @@ INDEX = f"{FOLDER}/index.json"
 FORMAT = "ds_upcycle.layout_free/1"
 MASTER = "fp32"
 """The key of the master weight in a parameter's file (the other keys are optimizer states)."""
+BATCH_BYTES = 1 << 30
+"""At most this many bytes of gathered tensors per batch of a save (see :func:`save`)."""
 HYPER = ("lr", "initial_lr", "betas", "eps", "weight_decay")
 """Optimizer group settings carried over, as DeepSpeed's native load restores its param groups."""
 
@@ -254,11 +257,29 @@ def _index(engine, opt, keys: list[str]) -> dict:
     }
 
 
+def batches(params: list[tuple[str, torch.nn.Parameter, list[int]]], nkeys: dict[int, int]) -> list[list]:
+    """``params`` cut into runs of at most BATCH_BYTES of fp32 tensors (a larger parameter alone).
+    Every rank of a group cuts its collectives at the same places: the dense parameters come first
+    and are the same everywhere, and the ranks of an expert-data-parallel group hold the same experts."""
+    out: list[list] = [[]]
+    size = 0
+    for item in params:
+        n = item[1].numel() * 4 * nkeys.get(id(item[1]), 1)
+        if out[-1] and size + n > BATCH_BYTES:
+            out.append([])
+            size = 0
+        out[-1].append(item)
+        size += n
+    return out
+
+
 @torch.no_grad()
 def save(engine, folder: Path, rank: int, crash_midway: bool = False) -> list[Path]:
     """Collective: write this rank's share of the layout-free part into ``folder``; returns the files
-    it wrote (for its part of the manifest). crash_midway (a debug hook for tests) kills rank 0 once
-    it has written its first parameter file: a save cut off while writing this part."""
+    it wrote (for its part of the manifest). Batch by batch, every rank gathers the parameters it
+    owns, then all ranks write theirs at once: a rank holds at most a batch, and no write waits for
+    another rank's. crash_midway (a debug hook for tests) kills rank 0 once it has written its first
+    parameter file: a save cut off while writing this part."""
     from safetensors.torch import save_file
 
     opt = zero_optimizer(engine)
@@ -270,16 +291,16 @@ def save(engine, folder: Path, rank: int, crash_midway: bool = False) -> list[Pa
     owner = owners(ordered, world)
     group_keys = {id(p): state_keys(opt, i) for i, group in enumerate(opt.bit16_groups) for p in group}
     written: list[Path] = []
-    for name, p, _ in ordered:
-        tensors: dict[str, torch.Tensor] = {}
-        if id(p) in group_keys:  # trainable: master and states from the ZeRO partitions
-            for key in (MASTER, *group_keys[id(p)]):
-                t = gather(opt, p, key, owner[name])
-                if t is not None:
-                    tensors[key] = t
-        elif rank == owner[name]:  # frozen: the same on every rank that holds it
-            tensors[MASTER] = p.detach().float().cpu()
-        if rank == owner[name]:
+    for batch in batches(ordered, {k: 1 + len(v) for k, v in group_keys.items()}):
+        mine: list[tuple[str, dict[str, torch.Tensor]]] = []
+        for name, p, _ in batch:
+            if id(p) in group_keys:  # trainable: master and states from the ZeRO partitions
+                tensors = {key: gather(opt, p, key, owner[name]) for key in (MASTER, *group_keys[id(p)])}
+            else:  # frozen: the same on every rank that holds it
+                tensors = {MASTER: p.detach().float().cpu()}
+            if rank == owner[name]:
+                mine.append((name, tensors))
+        for name, tensors in mine:
             path = folder / param_file(name)
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
             written.append(path)

@@ -529,11 +529,13 @@ def save(t: Trainer, done: int) -> None:
     free = sum(p.stat().st_size for p in (saved["folder"] / layout_free.FOLDER).rglob("*") if p.is_file())
     hash_s = [r["hash_s"] for r in saved["ranks"]]
     t.summary["last_commit"] = {"step": done, "checkpoint_bytes": size, "layout_free_bytes": free,
-                                "layout_free_s": saved["layout_free_s"], "commit_s": saved["commit_s"],
-                                "ranks": saved["ranks"]}  # fmt: skip
+                                "native_s": saved["native_s"], "layout_free_s": saved["layout_free_s"],
+                                "commit_s": saved["commit_s"], "ranks": saved["ranks"]}  # fmt: skip
     if t.rank == 0:
-        log.info("saved %s (%.2f GB): committed %.2f s after rank 0's last write; the ranks hashed their own "
-                 "files in %.2f-%.2f s", saved["folder"], size / 1e9, saved["commit_s"], min(hash_s), max(hash_s))  # fmt: skip
+        log.info("saved %s (%.2f GB, of which the layout-free part %.2f GB): DeepSpeed's files %.2f s, the "
+                 "layout-free part %.2f s on rank 0; committed %.2f s after rank 0's last write; the ranks hashed "
+                 "their own files in %.2f-%.2f s", saved["folder"], size / 1e9, free / 1e9, saved["native_s"],
+                 saved["layout_free_s"], saved["commit_s"], min(hash_s), max(hash_s))  # fmt: skip
         checkpoint.prune(t.ckpt_root, t.cfg.train.keep_last)
 
 

@@ -72,10 +72,23 @@ def test_what_it_reads_is_what_deepspeeds_optimizer_holds(dist_world, tiny_setup
         assert state["exp_avg_sq"].abs().sum() > 0 and flat.numel() - covered < 64  # only alignment padding uncovered
 
 
-def test_round_trip_through_a_checkpoint_without_native_files(dist_world, tiny_setup, tmp_path):
+def test_writers_are_balanced_and_batches_bounded(monkeypatch):
+    """Each parameter goes to the least-loaded rank that holds it (ties: the lowest rank); batches
+    close before BATCH_BYTES, a larger parameter alone."""
+    p = {n: torch.nn.Parameter(torch.zeros(n)) for n in (100, 60, 50, 40, 10)}
+    params = [("a", p[100], [0, 1]), ("b", p[60], [0, 1]), ("c", p[50], [0, 1]), ("e1", p[40], [1, 3]),
+              ("e0", p[10], [0, 2])]  # fmt: skip
+    assert layout_free.owners(params, 4) == {"a": 0, "b": 1, "c": 1, "e1": 3, "e0": 2}
+    monkeypatch.setattr(layout_free, "BATCH_BYTES", 500)
+    cut = layout_free.batches(params, {id(p[100]): 3})  # bytes: 1200 (3 tensors), 240, 200, 160, 40
+    assert [[n for n, _, _ in b] for b in cut] == [["a"], ["b", "c"], ["e1", "e0"]]
+
+
+def test_round_trip_through_a_checkpoint_without_native_files(dist_world, tiny_setup, tmp_path, monkeypatch):
     """checkpoint.save, DeepSpeed's native files deleted, checkpoint.load into a fresh engine (the
     layout-free path, file by file verified): saving again gives the same files, and the next step
-    the same loss and weights as the original engine."""
+    the same loss and weights as the original engine. Batches of 64 KB: many batches."""
+    monkeypatch.setattr(layout_free, "BATCH_BYTES", 64 * 1024)
     cfg = _cfg(tiny_setup, tmp_path / "run")
     engine = _engine(cfg, steps=3)
     root = tmp_path / "ckpt"
