@@ -5,7 +5,9 @@ layer and global expert, ZeRO optimizer shards) plus ours:
 
 - ``ds_upcycle_rank{R}.pt``: each rank's RNG states (tensors only);
 - ``ds_upcycle_state.json``: step, data position, counters, resolved config;
-- ``ds_upcycle_manifest.json``: every file of the folder with its size and SHA-256.
+- ``ds_upcycle_manifest.json``: every file of the folder with its size and SHA-256;
+- ``layout_free/``: every parameter's fp32 master weight and optimizer state under its global
+  name (:mod:`ds_upcycle.layout_free`), what a resume under another layout reads.
 
 Commit: each rank hashes the files it wrote itself (DeepSpeed's writes are recorded by
 :class:`VerifiedIO`), all ranks at once, and leaves its part of the manifest next to them. Only
@@ -18,7 +20,10 @@ Resume: each rank checks exactly the files DeepSpeed reads on it (its own shards
 the shared model states) against the manifest, and reads them with ``torch.load(weights_only=True)``
 and only DeepSpeed's known classes allowed, just before DeepSpeed would have unpickled them: a
 truncated, altered or foreign file is refused, naming it. A shared filesystem across nodes is
-assumed, as DeepSpeed does.
+assumed, as DeepSpeed does. When the layout (world size, ep_size, data-parallel sizes, ZeRO stage:
+``layout`` in ds_upcycle_state.json) differs from the one saved, or DeepSpeed's native files are
+gone, each rank reads its partitions from the layout-free part instead, again checking each file
+it reads.
 
 Reading back (export, eval): :func:`resolve` finds the step folder of a run, :func:`verify`
 checks every file, :func:`read_tensors` maps every saved tensor to a loader, and
@@ -40,6 +45,7 @@ from pathlib import Path
 
 import torch
 
+from ds_upcycle import layout_free
 from ds_upcycle.distributed import barrier
 
 log = logging.getLogger("ds_upcycle")
@@ -49,6 +55,8 @@ STATE = "ds_upcycle_state.json"
 MANIFEST = "ds_upcycle_manifest.json"
 PART_PREFIX = ".ds_upcycle_manifest_part"
 """Each rank's part of the manifest, merged by rank 0 and then removed."""
+LAYOUT_KEYS = ("world_size", "ep_size", "dp_size", "expert_dp_size", "zero_stage")
+"""What a checkpoint's ``layout`` records that DeepSpeed's native files depend on."""
 
 
 def tag_for(step: int) -> str:
@@ -133,13 +141,19 @@ def _part_name(rank: int) -> str:
     return f"{PART_PREFIX}{rank:05d}.json"
 
 
-def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_commit: bool = False) -> dict:
+def save(
+    engine, root: Path, step: int, state: dict, rank: int, crash_before_commit: bool = False,
+    crash_in_layout_free: bool = False,
+) -> dict:  # fmt: skip
     """Collective: every rank calls it. Returns the checkpoint folder, ``commit_s`` (from this rank's
-    last file written to the commit done: its hashing, the wait for the other ranks, rank 0's merge)
-    and ``ranks``: each rank's hashed bytes and seconds (rank 0 has them all, the others their own).
+    last file written to the commit done: its hashing, the wait for the other ranks, rank 0's merge),
+    ``native_s`` and ``layout_free_s`` (this rank's time in DeepSpeed's save and writing its share of
+    the layout-free part) and ``ranks``:
+    each rank's hashed bytes and seconds (rank 0 has them all, the others their own).
 
     crash_before_commit (a debug hook for tests) kills rank 0 after the files are written and
-    before the manifest and the latest pointer: what a save interrupted midway leaves behind.
+    before the manifest and the latest pointer: what a save interrupted midway leaves behind;
+    crash_in_layout_free kills it midway through writing the layout-free part.
     """
     tag = tag_for(step)
     folder = root / tag
@@ -148,13 +162,17 @@ def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_com
     barrier()
     io = attach(engine)
     io.written = []
+    t_native = time.perf_counter()
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    t_free = time.perf_counter()
+    free = layout_free.save(engine, folder, rank, crash_in_layout_free)
+    layout_free_s = time.perf_counter() - t_free
     rng = {"cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
         rng["cuda"] = torch.cuda.get_rng_state()
     rng_file = folder / f"ds_upcycle_rank{rank:05d}.pt"
     torch.save(rng, rng_file)
-    mine = [*io.written, rng_file]
+    mine = [*io.written, *free, rng_file]
     if rank == 0:
         atomic_write_text(folder / STATE, json.dumps({"step": step, **state}, indent=2))
         mine.append(folder / STATE)
@@ -171,7 +189,8 @@ def save(engine, root: Path, step: int, state: dict, rank: int, crash_before_com
         _, ranks = commit(folder, world)
         atomic_write_text(root / LATEST, tag)
     barrier()
-    return {"folder": folder, "commit_s": time.perf_counter() - t0, "ranks": ranks}
+    return {"folder": folder, "commit_s": time.perf_counter() - t0, "native_s": t_free - t_native,
+            "layout_free_s": layout_free_s, "ranks": ranks}  # fmt: skip
 
 
 def commit(folder: Path, world: int) -> tuple[dict, list[dict]]:
@@ -237,6 +256,17 @@ def prune(root: Path, keep_last: int) -> list[Path]:
     return deleted
 
 
+def saved_layout(root: Path) -> tuple[str, dict] | None:
+    """(tag, layout) of ``root``'s latest complete checkpoint, or None (none yet, or saved before
+    layouts were recorded). A damaged state file is the resume's to name: None here."""
+    tag = latest_tag(root)
+    try:
+        layout = json.loads((root / tag / STATE).read_text()).get("layout") if tag else None
+    except (OSError, ValueError, AttributeError):
+        return None
+    return (tag, layout) if layout else None
+
+
 def latest_tag(root: Path) -> str | None:
     p = root / LATEST
     return p.read_text().strip() if p.is_file() else None
@@ -272,12 +302,28 @@ def check_file(folder: Path, rel: str, manifest: dict) -> Path:
     return p
 
 
+def _ours(rel: str) -> bool:
+    """A file ds_upcycle writes (state, RNG, the layout-free part), not one of DeepSpeed's native files."""
+    return rel.startswith((layout_free.FOLDER + "/", "ds_upcycle_"))
+
+
+def native_missing(folder: Path, manifest: dict) -> list[str]:
+    """DeepSpeed's native files of the manifest that are gone (e.g. deleted to keep only the
+    layout-free part), when the layout-free part is there to stand in for them; else []."""
+    if layout_free.INDEX not in manifest:
+        return []
+    return [rel for rel in manifest if not _ours(rel) and not (folder / rel).is_file()]
+
+
 def verify(folder: Path) -> dict:
     """Check every file against the manifest (for readers of the whole checkpoint: export, eval);
-    ValueError names the first bad file. Returns the saved state."""
+    ValueError names the first bad file. DeepSpeed's native files may be gone when the layout-free
+    part is complete. Returns the saved state."""
     manifest = read_manifest(folder)
+    gone = set(native_missing(folder, manifest))
     for rel in manifest:
-        check_file(folder, rel, manifest)
+        if rel not in gone:
+            check_file(folder, rel, manifest)
     return json.loads((folder / STATE).read_text())
 
 
@@ -311,16 +357,36 @@ def check_safe_to_unpickle(folder: Path) -> None:
         safe_load(f)
 
 
-def load(engine, root: Path, rank: int) -> dict | None:
+def changed_layout(saved: dict | None, current: dict | None) -> list[str]:
+    """The ``LAYOUT_KEYS`` whose values differ, as "key: saved -> current" (none when either is unknown)."""
+    if not saved or not current:
+        return []
+    return [f"{k}: {saved.get(k)} -> {current.get(k)}" for k in LAYOUT_KEYS if saved.get(k) != current.get(k)]
+
+
+def load(engine, root: Path, rank: int, layout: dict | None = None) -> dict | None:
     """Collective: resume from ``root``'s latest complete checkpoint. Returns its state (plus
-    "verified_files": what this rank checked and read), or None when there is none yet (a fresh
-    start). Each rank verifies only the files it reads (:class:`VerifiedIO`)."""
+    "verified_files": what this rank checked and read, and "resume_mode": "native" or
+    "layout_free"), or None when there is none yet (a fresh start). Each rank verifies only the
+    files it reads. ``layout`` is this run's (world size, ep_size, ...): when it differs from the
+    checkpoint's, or DeepSpeed's native files are gone, the layout-free part is read instead."""
     tag = latest_tag(root)
     if tag is None:
         return None
     folder = root / tag
     manifest = read_manifest(folder)
     state = json.loads(check_file(folder, STATE, manifest).read_text())
+    changed = changed_layout(state.get("layout"), layout)
+    if changed or native_missing(folder, manifest):
+        if layout_free.INDEX not in manifest:
+            raise ValueError(
+                f"checkpoint {folder} was saved under another layout ({'; '.join(changed)}) and has no layout-free "
+                "part (saved by an older ds_upcycle); resume it with the world size and moe.ep_size it was saved with"
+            )
+        verified = layout_free.load(engine, folder, lambda rel: check_file(folder, rel, manifest))
+        rng = _load_rng(folder, manifest, rank, verified)
+        barrier()  # every rank has read its files: from here on a save may move the folder aside
+        return {**state, **rng, "resume_mode": "layout_free", "changed": changed}
     io = attach(engine)
     io.folder, io.manifest, io.verified = folder, manifest, []
     try:
@@ -331,14 +397,22 @@ def load(engine, root: Path, rank: int) -> dict | None:
         io.folder = None
     if load_path is None:
         raise ValueError(f"DeepSpeed could not load checkpoint {folder}")
+    rng = _load_rng(folder, manifest, rank, io.verified)
+    barrier()  # every rank has read its files: from here on a save may move the folder aside
+    return {**state, **rng, "resume_mode": "native", "changed": []}
+
+
+def _load_rng(folder: Path, manifest: dict, rank: int, verified: list[str]) -> dict:
+    """This rank's RNG states, when the checkpoint has this rank's (under another world size, the
+    ranks beyond the saved ones keep their seeded state); returns {"verified_files": ...}."""
     rng_name = f"ds_upcycle_rank{rank:05d}.pt"
     if rng_name in manifest:
         rng = torch.load(check_file(folder, rng_name, manifest), weights_only=True)
-        io.verified.append(rng_name)
+        verified = [*verified, rng_name]
         torch.set_rng_state(rng["cpu"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
-    return {**state, "verified_files": [STATE, *io.verified]}
+    return {"verified_files": [STATE, *verified]}
 
 
 # --------------------------------------------------------------------------------------------
@@ -388,10 +462,17 @@ def load_meta(folder: Path, source: str | None = None):
 
 def read_tensors(folder: Path) -> dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]]:
     """{our key: (shape, loader)} over the model-states file and every expert file (experts by
-    their global id); loaders read with ``torch.load(weights_only=True)``, one expert file at a time."""
+    their global id); loaders read with ``torch.load(weights_only=True)``, one expert file at a time.
+    Without DeepSpeed's native files, the layout-free part's master weights, cast to the run's
+    model.dtype (the weights DeepSpeed copies from them after every step)."""
+    from ds_upcycle.config import run_config_from_dict
+    from ds_upcycle.loading import DTYPES
     from ds_upcycle.mixtral import OUR_GATE
 
     model_states = folder / "mp_rank_00_model_states.pt"
+    if not model_states.is_file() and (folder / layout_free.INDEX).is_file():
+        cfg = run_config_from_dict(json.loads((folder / STATE).read_text())["config"])
+        return layout_free.read_tensors(folder, DTYPES[cfg.model.dtype])
     if not model_states.is_file():
         raise ValueError(f"checkpoint {folder} has no mp_rank_00_model_states.pt")
     module = torch.load(model_states, map_location="cpu", weights_only=True)["module"]

@@ -423,6 +423,12 @@ class DebugConfig:
     """Sleep this long at the start of a preemption save (tests a second signal during the save)."""
     step_delay_s: float = 0.0
     """Sleep this long before every step (lets a test signal a run between two known steps)."""
+    inject_crash_in_layout_free_at_step: int = -1
+    """Kill rank 0 midway through writing the layout-free part of the save at this step (tests that
+    such a save never becomes latest_complete). -1 disables."""
+    save_at_resume: bool = False
+    """Save again right after resuming, before any step (tests: the state a resume under another
+    layout restored, written back from the new layout, equals the checkpoint it read)."""
 
     def __post_init__(self) -> None:
         _non_negative("debug.preempt_save_delay_s", self.preempt_save_delay_s)

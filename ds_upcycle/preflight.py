@@ -70,6 +70,7 @@ def validate(cfg: RunConfig, world_size: int) -> Derived:
         )
     check_zero(cfg.ds)
     micro, accum, global_batch = check_batch(cfg.ds, world_size)
+    check_resume_batch(cfg, world_size, micro, accum)
     lr = check_optimizer(cfg)
     hf = check_model(cfg)
     if cfg.model.upcycle or hf.model_type == "mixtral":
@@ -189,6 +190,34 @@ def check_batch(ds: dict, world_size: int) -> tuple[int, int, int]:
             "fix one of them or drop train_batch_size"
         )
     return micro, accum, global_batch
+
+
+def check_resume_batch(cfg: RunConfig, world: int, micro: int, accum: int) -> None:
+    """train.resume on another number of ranks keeps the checkpoint's global batch: the data
+    position (a step reads sequences [step x G, (step + 1) x G) of the sample stream) and the loss
+    scale depend on it."""
+    from ds_upcycle.checkpoint import saved_layout
+
+    saved = saved_layout(Path(cfg.train.output_dir) / "checkpoints") if cfg.train.resume else None
+    if saved is None or "global_batch" not in saved[1]:
+        return
+    tag, layout = saved
+    want, ranks = layout["global_batch"], layout["world_size"]
+    if micro * accum * world == want:
+        return
+    if want % (micro * world) == 0:
+        a = want // (micro * world)
+        fix = f"set gradient_accumulation_steps to {a} (--ds.gradient_accumulation_steps={a})"
+    elif want % world == 0:
+        fix = f"make train_micro_batch_size_per_gpu x gradient_accumulation_steps {want // world} per rank"
+    else:
+        fix = f"launch a number of ranks that divides {want}"
+    raise ValueError(
+        f"train.resume: checkpoint {tag} trained with a global batch of {want} sequences per step "
+        f"(train_micro_batch_size_per_gpu {layout['micro_batch']} x gradient_accumulation_steps {layout['grad_accum']} x "
+        f"{ranks} ranks) but this run's is {micro * accum * world} ({micro} x {accum} x {world} ranks); the data position "
+        f"and the loss need the same global batch. {ranks} -> {world} ranks: {fix}"
+    )
 
 
 def check_optimizer(cfg: RunConfig) -> float:

@@ -34,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ds_upcycle import checkpoint, lifecycle
+from ds_upcycle import checkpoint, layout_free, lifecycle
 from ds_upcycle.config import RunConfig, load_run_config
 from ds_upcycle.distributed import all_mean, any_rank
 from ds_upcycle.errors import NonFiniteError, PreemptedError, RunError, run_guarded
@@ -504,30 +504,47 @@ def log_step(t: Trainer, done: int, r: StepResult, last: bool) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+def layout(t: Trainer) -> dict:
+    """How this run is laid out (checkpoint.LAYOUT_KEYS: what DeepSpeed's native files depend on)
+    and how its global batch is split."""
+    micro = t.cfg.ds["train_micro_batch_size_per_gpu"]
+    return {
+        "world_size": t.world, "ep_size": t.cfg.moe.ep_size, "dp_size": t.engine.dp_world_size,
+        "expert_dp_size": t.world // t.cfg.moe.ep_size, "zero_stage": int(t.engine.zero_optimization_stage()),
+        "micro_batch": micro, "grad_accum": t.accum, "global_batch": micro * t.accum * t.world,
+    }  # fmt: skip
+
+
 def save(t: Trainer, done: int) -> None:
     """A complete checkpoint after ``done`` steps: the data position is the step (the sampler is
-    a pure function of it), plus the resolved config the export needs."""
+    a pure function of it), plus the resolved config the export needs and the layout."""
     state = {
         "data_position": {"next_step": done}, "lr_schedule_step": t.scheduler.last_epoch,
-        "counters": dataclasses.asdict(t.counters), "config": t.cfg.to_dict(),
+        "counters": dataclasses.asdict(t.counters), "config": t.cfg.to_dict(), "layout": layout(t),
     }  # fmt: skip
     crash = done == t.cfg.debug.inject_crash_in_save_at_step
-    saved = checkpoint.save(t.engine, t.ckpt_root, done, state, t.rank, crash)
-    size = sum(p.stat().st_size for p in saved["folder"].iterdir() if p.is_file())
+    crash_free = done == t.cfg.debug.inject_crash_in_layout_free_at_step
+    saved = checkpoint.save(t.engine, t.ckpt_root, done, state, t.rank, crash, crash_free)
+    size = sum(p.stat().st_size for p in saved["folder"].rglob("*") if p.is_file())
+    free = sum(p.stat().st_size for p in (saved["folder"] / layout_free.FOLDER).rglob("*") if p.is_file())
     hash_s = [r["hash_s"] for r in saved["ranks"]]
-    t.summary["last_commit"] = {"step": done, "checkpoint_bytes": size, "commit_s": saved["commit_s"],
-                                "ranks": saved["ranks"]}  # fmt: skip
+    t.summary["last_commit"] = {"step": done, "checkpoint_bytes": size, "layout_free_bytes": free,
+                                "native_s": saved["native_s"], "layout_free_s": saved["layout_free_s"],
+                                "commit_s": saved["commit_s"], "ranks": saved["ranks"]}  # fmt: skip
     if t.rank == 0:
-        log.info("saved %s (%.2f GB): committed %.2f s after rank 0's last write; the ranks hashed their own "
-                 "files in %.2f-%.2f s", saved["folder"], size / 1e9, saved["commit_s"], min(hash_s), max(hash_s))  # fmt: skip
+        log.info("saved %s (%.2f GB, of which the layout-free part %.2f GB): DeepSpeed's files %.2f s, the "
+                 "layout-free part %.2f s on rank 0; committed %.2f s after rank 0's last write; the ranks hashed "
+                 "their own files in %.2f-%.2f s", saved["folder"], size / 1e9, free / 1e9, saved["native_s"],
+                 saved["layout_free_s"], saved["commit_s"], min(hash_s), max(hash_s))  # fmt: skip
         checkpoint.prune(t.ckpt_root, t.cfg.train.keep_last)
 
 
 def resume(t: Trainer) -> int:
     """The step to start from: the latest complete checkpoint's, or 0 when there is none. The
     counters continue; the data position is the step and the LR schedule is DeepSpeed's saved one,
-    which counts applied steps only (the two differ by the skipped steps)."""
-    state = checkpoint.load(t.engine, t.ckpt_root, t.rank)
+    which counts applied steps only (the two differ by the skipped steps). Under another layout
+    (world size, ep_size, ZeRO stage) the state comes from the checkpoint's layout-free part."""
+    state = checkpoint.load(t.engine, t.ckpt_root, t.rank, layout(t))
     if state is None:
         return 0
     t.counters = Counters(**state.get("counters", {}))
@@ -537,10 +554,20 @@ def resume(t: Trainer) -> int:
             f"{checkpoint.STATE} says {state['lr_schedule_step']}; the checkpoint is inconsistent, resume from another"
         )
     t.summary["resumed_from"] = state["step"]
+    t.summary["resume_mode"] = state["resume_mode"]
     t.summary["verified_files"] = state["verified_files"]  # rank 0's: what it read
     if t.rank == 0:
-        log.info("resumed from %s at step %d (verified the %d files this rank read)",
-                 t.ckpt_root / checkpoint.tag_for(state["step"]), state["step"], len(state["verified_files"]))  # fmt: skip
+        log.info("resumed from %s at step %d (%s; verified the %d files this rank read)",
+                 t.ckpt_root / checkpoint.tag_for(state["step"]), state["step"],
+                 f"layout-free part, layout changed: {'; '.join(state['changed']) or 'native files gone'}"
+                 if state["resume_mode"] == "layout_free" else "DeepSpeed's native files", len(state["verified_files"]))  # fmt: skip
+        saved_micro = state.get("layout", {}).get("micro_batch", layout(t)["micro_batch"])
+        if saved_micro != layout(t)["micro_batch"]:
+            log.warning("train_micro_batch_size_per_gpu changed (%d -> %d): each step reads the same sequences, but "
+                        "grouped into other micro-batches, so the per-micro-batch balance losses (and capacity, with "
+                        "moe.drop_tokens) differ from an uninterrupted run's", saved_micro, layout(t)["micro_batch"])  # fmt: skip
+    if t.cfg.debug.save_at_resume:
+        save(t, state["step"])
     return state["step"]
 
 
