@@ -310,7 +310,7 @@ def _ours(rel: str) -> bool:
 def native_missing(folder: Path, manifest: dict) -> list[str]:
     """DeepSpeed's native files of the manifest that are gone (e.g. deleted to keep only the
     layout-free part), when the layout-free part is there to stand in for them; else []."""
-    if layout_free.INDEX not in manifest:
+    if layout_free.INDEX not in manifest or not (folder / layout_free.INDEX).is_file():
         return []
     return [rel for rel in manifest if not _ours(rel) and not (folder / rel).is_file()]
 
@@ -463,14 +463,14 @@ def load_meta(folder: Path, source: str | None = None):
 def read_tensors(folder: Path) -> dict[str, tuple[tuple[int, ...], Callable[[], torch.Tensor]]]:
     """{our key: (shape, loader)} over the model-states file and every expert file (experts by
     their global id); loaders read with ``torch.load(weights_only=True)``, one expert file at a time.
-    Without DeepSpeed's native files, the layout-free part's master weights, cast to the run's
-    model.dtype (the weights DeepSpeed copies from them after every step)."""
+    When DeepSpeed's native files are (partly) gone, the layout-free part's master weights, cast
+    to the run's model.dtype (the weights DeepSpeed copies from them after every step)."""
     from ds_upcycle.config import run_config_from_dict
     from ds_upcycle.loading import DTYPES
     from ds_upcycle.mixtral import OUR_GATE
 
     model_states = folder / "mp_rank_00_model_states.pt"
-    if not model_states.is_file() and (folder / layout_free.INDEX).is_file():
+    if native_missing(folder, read_manifest(folder)):
         cfg = run_config_from_dict(json.loads((folder / STATE).read_text())["config"])
         return layout_free.read_tensors(folder, DTYPES[cfg.model.dtype])
     if not model_states.is_file():

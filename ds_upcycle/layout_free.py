@@ -261,16 +261,9 @@ def batches(params: list[tuple[str, torch.nn.Parameter, list[int]]], nkeys: dict
     """``params`` cut into runs of at most BATCH_BYTES of fp32 tensors (a larger parameter alone).
     Every rank of a group cuts its collectives at the same places: the dense parameters come first
     and are the same everywhere, and the ranks of an expert-data-parallel group hold the same experts."""
-    out: list[list] = [[]]
-    size = 0
-    for item in params:
-        n = item[1].numel() * 4 * nkeys.get(id(item[1]), 1)
-        if out[-1] and size + n > BATCH_BYTES:
-            out.append([])
-            size = 0
-        out[-1].append(item)
-        size += n
-    return out
+    from ds_upcycle.safetensors_stream import pack
+
+    return pack(params, lambda item: item[1].numel() * 4 * nkeys.get(id(item[1]), 1), BATCH_BYTES)
 
 
 @torch.no_grad()

@@ -34,17 +34,22 @@ def _nbytes(shape: tuple[int, ...], dtype: torch.dtype) -> int:
     return math.prod(shape) * torch.empty((), dtype=dtype).element_size()
 
 
-def plan_shards(specs: list[TensorSpec], dtype: torch.dtype, max_shard_bytes: int) -> list[list[TensorSpec]]:
-    shards: list[list[TensorSpec]] = [[]]
+def pack(items: list, nbytes: Callable[[object], int], limit: int) -> list[list]:
+    """``items`` cut, in order, into runs of at most ``limit`` bytes (an item larger than that alone)."""
+    runs: list[list] = [[]]
     size = 0
-    for spec in specs:
-        n = _nbytes(spec.shape, dtype)
-        if shards[-1] and size + n > max_shard_bytes:
-            shards.append([])
+    for item in items:
+        n = nbytes(item)
+        if runs[-1] and size + n > limit:
+            runs.append([])
             size = 0
-        shards[-1].append(spec)
+        runs[-1].append(item)
         size += n
-    return shards
+    return runs
+
+
+def plan_shards(specs: list[TensorSpec], dtype: torch.dtype, max_shard_bytes: int) -> list[list[TensorSpec]]:
+    return pack(specs, lambda spec: _nbytes(spec.shape, dtype), max_shard_bytes)
 
 
 def write_sharded(

@@ -110,13 +110,15 @@ def test_export_bad_inputs(trained, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         cli(["export", str(run), str(tmp_path / "o2"), "--dtype", "int8"])
     assert e.value.code == 2 and "invalid choice: 'int8'" in capsys.readouterr().err
-    # a checkpoint without its expert files
+    # a checkpoint without its expert files: read from its layout-free part; without that too, refused
     broken = tmp_path / "no_experts"
     shutil.copytree(run / "checkpoints", broken)
     step = broken / (broken / "latest_complete").read_text()
     for f in step.glob("layer_*_expert_*"):
         f.unlink()
-    assert cli(["export", str(broken), str(tmp_path / "o3")]) == 2
+    assert cli(["export", str(broken), str(tmp_path / "o3")]) == 0
+    shutil.rmtree(step / "layout_free")
+    assert cli(["export", str(broken), str(tmp_path / "o4")]) == 2
     assert "layer_0_expert_0_mp_rank_00_model_states.pt is missing" in capsys.readouterr().err
     # a failure midway (an unreadable tokenizer in the source) leaves no output that looks complete
     src = tmp_path / "bad_source"

@@ -559,7 +559,10 @@ def build_parser() -> argparse.ArgumentParser:
         "blocks in the paper's layout (micro-batch 1, accumulation 16, 64 ranks), before and after keeping "
         "each epoch's order. commit: the checkpoint "
         "commit of a 2-rank run at the given checkpoint sizes (--sizes, GB): each rank hashing its own files "
-        "(in-run) against one process hashing them all (the former rank-0 design).",
+        "(in-run) against one process hashing them all (the former rank-0 design). elastic: on SmolLM2 (the demo's "
+        "model and corpus; every other layer MoE, 2 ranks ep 2), the seconds and bytes of a checkpoint's layout-free "
+        "part next to DeepSpeed's own files, and its step-1 checkpoint resumed on 1 rank ep 1: the step-2 loss "
+        "difference.",
     )
     p.add_argument("what", choices=sorted(BENCHES), help="which benchmark")
     p.add_argument("--layers", type=int, default=0, help="step: SmolLM2 shape with N layers (default 30); gpu: 3")
@@ -709,9 +712,61 @@ def bench_sampler(args, moe: MoEConfig, emit) -> tuple[list[dict], list, dict]:
     return rows, cols, {**PAPER_LAYOUT, "steady_steps": 1000}
 
 
+def _elastic_run(overrides: dict, out: Path, ranks: int, master_port: int | None) -> dict:
+    from ds_upcycle.launch import run_training
+
+    result = run_training("cpu_debug_zero2_ep2", to_overrides({**overrides, "train.output_dir": str(out)}),
+                          num_gpus=ranks, master_port=master_port, capture=True)  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"the {ranks}-rank run failed:\n{result.output[-4000:]}")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return {"summary": result.summary, "losses": {r["step"]: r["loss/lm"] for r in rows if "loss/lm" in r}}
+
+
+def bench_elastic(args, moe: MoEConfig, emit) -> tuple[list[dict], list, dict]:
+    """SmolLM2-135M (the demo's model and corpus), MoE on every other layer, 2 ranks ep 2, ZeRO-2:
+    steps 1-2 saving after each, the save split into DeepSpeed's files and the layout-free part
+    (rank 0's seconds, bytes); then the step-1 checkpoint resumed on 1 rank, ep 1, gradient
+    accumulation 2 (the same global batch): its step-2 loss against the 2-rank run's."""
+    from ds_upcycle import checkpoint
+    from ds_upcycle.tools.demo import shakespeare_corpus, smollm2_checkpoint
+
+    cache = Path(os.environ.get("DS_UPCYCLE_CACHE", Path.home() / ".cache" / "ds_upcycle"))
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="ds_upcycle_elastic_"))
+    train_files, eval_files = shakespeare_corpus(cache)
+    common = {"model.path": str(smollm2_checkpoint(cache)), "model.activation_checkpointing": False,
+              "data.train": train_files, "data.eval": eval_files, "data.seq_len": args.seq_len or 256,
+              "data.eval_batches": 1, "data.cache_dir": str(cache / "tokens"), "train.steps": 2,
+              "train.save_every": 1, "train.keep_last": 0, "log.wandb": "disabled", "log.heatmap_every": -1,
+              "moe.moe_layers": "every_2", "ds.train_micro_batch_size_per_gpu": 1}  # fmt: skip
+    try:
+        two = _elastic_run({**common, "moe.ep_size": 2, "ds.gradient_accumulation_steps": 1}, work / "two", 2,
+                           args.master_port)  # fmt: skip
+        c = two["summary"]["last_commit"]
+        one = work / "one"
+        (one / "checkpoints").mkdir(parents=True)
+        shutil.copytree(work / "two" / "checkpoints" / checkpoint.tag_for(1), one / "checkpoints" / checkpoint.tag_for(1))
+        (one / "checkpoints" / checkpoint.LATEST).write_text(checkpoint.tag_for(1))
+        t0 = time.perf_counter()
+        resumed = _elastic_run({**common, "moe.ep_size": 1, "ds.gradient_accumulation_steps": 2, "train.resume": True,
+                                "train.save_every": 0, "train.save_final": False}, one, 1, args.master_port)  # fmt: skip
+        rows = [{"checkpoint_gb": c["checkpoint_bytes"] / 1e9, "layout_free_gb": c["layout_free_bytes"] / 1e9,
+                 "native_s": c["native_s"], "layout_free_s": c["layout_free_s"], "commit_s": c["commit_s"],
+                 "resume_mode": resumed["summary"]["resume_mode"], "resume_run_s": time.perf_counter() - t0,
+                 "dloss_step2": abs(resumed["losses"][2] - two["losses"][2])}]  # fmt: skip
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    cols = [("checkpoint_gb", "checkpoint GB", ".2f"), ("layout_free_gb", "of which layout-free GB", ".2f"),
+            ("native_s", "DeepSpeed save s", ".2f"), ("layout_free_s", "layout-free save s", ".2f"),
+            ("commit_s", "commit s", ".2f"), ("resume_mode", "resume on 1 rank ep 1", ""),
+            ("resume_run_s", "that run s", ".1f"), ("dloss_step2", "|dloss| step 2", ".2e")]  # fmt: skip
+    return rows, cols, {"model": "SmolLM2-135M, MoE on every other layer, 8 experts", "ranks": 2, "ep": 2}
+
+
 BENCHES = {"conversion": bench_conversion, "block": bench_block, "step": bench_training, "gpu": bench_training,
            "preflight": bench_preflight, "prepare": bench_prepare, "sampler": bench_sampler,
-           "commit": bench_commit}  # fmt: skip
+           "commit": bench_commit, "elastic": bench_elastic}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
