@@ -745,7 +745,9 @@ def bench_elastic(args, moe: MoEConfig, emit) -> tuple[list[dict], list, dict]:
         c = two["summary"]["last_commit"]
         one = work / "one"
         (one / "checkpoints").mkdir(parents=True)
-        shutil.copytree(work / "two" / "checkpoints" / checkpoint.tag_for(1), one / "checkpoints" / checkpoint.tag_for(1))
+        shutil.copytree(
+            work / "two" / "checkpoints" / checkpoint.tag_for(1), one / "checkpoints" / checkpoint.tag_for(1)
+        )
         (one / "checkpoints" / checkpoint.LATEST).write_text(checkpoint.tag_for(1))
         t0 = time.perf_counter()
         resumed = _elastic_run({**common, "moe.ep_size": 1, "ds.gradient_accumulation_steps": 2, "train.resume": True,
