@@ -310,7 +310,7 @@ def _ours(rel: str) -> bool:
 def native_missing(folder: Path, manifest: dict) -> list[str]:
     """DeepSpeed's native files of the manifest that are gone (e.g. deleted to keep only the
     layout-free part), when the layout-free part is there to stand in for them; else []."""
-    if layout_free.INDEX not in manifest or not (folder / layout_free.INDEX).is_file():
+    if layout_free.INDEX not in manifest:
         return []
     return [rel for rel in manifest if not _ours(rel) and not (folder / rel).is_file()]
 
@@ -321,6 +321,8 @@ def verify(folder: Path) -> dict:
     part is complete. Returns the saved state."""
     manifest = read_manifest(folder)
     gone = set(native_missing(folder, manifest))
+    if gone and not (folder / layout_free.INDEX).is_file():
+        gone = set()  # nothing stands in for them: name the first missing file
     for rel in manifest:
         if rel not in gone:
             check_file(folder, rel, manifest)

@@ -9,6 +9,7 @@ import shutil
 import signal
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 from conftest import DEBUG_CONFIG, LAUNCH_PORT, LOCAL_HOSTFILE, REFERENCE_STEPS, ROOT, debug_overrides, losses, train
@@ -192,6 +193,10 @@ def test_conflicting_launcher_flags(tmp_path):
         launcher_cmd("ds_upcycle.train", [], hostfile=tmp_path / "missing")
 
 
+def _contents(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
 @pytest.mark.slow
 def test_a_save_never_writes_into_a_complete_checkpoint(reference_run, tiny_setup, tmp_path):
     """A save cut off between its manifest and the latest pointer leaves step 20 complete while
@@ -200,11 +205,11 @@ def test_a_save_never_writes_into_a_complete_checkpoint(reference_run, tiny_setu
     run = tmp_path / "run"
     shutil.copytree(reference_run, run)
     root = run / "checkpoints"
-    old = {p.name: p.read_bytes() for p in (root / "step_00000020").iterdir()}
+    old = _contents(root / "step_00000020")
     (root / "latest_complete").write_text("step_00000010")
     proc = _run(tiny_setup, run, **{"train.steps": REFERENCE_STEPS, "train.save_every": 10, "train.resume": True})
     assert proc.returncode == 0, proc.output[-3000:]
     (aside,) = root.glob("step_00000020.superseded-*")
-    assert {p.name: p.read_bytes() for p in aside.iterdir()} == old
+    assert _contents(aside) == old
     assert (root / "latest_complete").read_text() == "step_00000020"
     checkpoint.verify(root / "step_00000020")
