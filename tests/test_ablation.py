@@ -75,3 +75,25 @@ def test_workspace_panels_cover_loss_router_health_and_throughput(tmp_path):
     spec = json.loads((tmp_path / "wandb_workspace.json").read_text())
     assert report["panels"] == sum(len(s.panels) for s in ws.sections) and spec["displayName"] == "ablation grp"
     assert "grp" in json.dumps(spec["spec"])  # the runset is filtered to the group
+
+
+def test_a_second_ablation_into_the_same_folder_is_refused_or_replaced(tiny_setup, tmp_path, capsys):
+    """`make ablate` twice: the first ablation's run folders are ablate's to refuse (naming --overwrite)
+    or, with --overwrite, to replace; a run's own "already holds a run" check never stops the plan."""
+    from ds_upcycle.cli import main as cli
+    from ds_upcycle.tools.ablate import build_parser, fresh_runs, plan_runs
+
+    out = tmp_path / "ablate"
+    (out / "copy" / "checkpoints").mkdir(parents=True)
+    (out / "copy" / "config.json").write_text("{}")
+    (out / "copy" / "metrics.jsonl").write_text("")
+    data = [f"--model.path={tiny_setup['model']}", f'--data.train=["{tiny_setup["train"]}"]',
+            f'--data.eval=["{tiny_setup["eval"]}"]']  # fmt: skip
+    argv = ["ablations/copy", "ablations/noise", "--out", str(out), "--num-gpus", "2", *data]
+    assert cli(["ablate", *argv]) == 2
+    assert "already holds run copy; pass --overwrite" in capsys.readouterr().err
+    assert (out / "copy" / "metrics.jsonl").exists()  # refused: nothing touched
+    args, overrides = build_parser().parse_known_args([*argv, "--overwrite"])
+    plans = plan_runs(args, overrides)
+    fresh_runs(out, [name for _, name, _, _ in plans], overwrite=True)
+    assert not (out / "copy").exists()

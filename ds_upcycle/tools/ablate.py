@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import shutil
@@ -297,7 +298,9 @@ def plan_runs(args, overrides: list[str]) -> list[tuple[str, str, list[str], dic
         run_overrides = [*overrides, *seeds, f"--train.output_dir={out / name}", f"--log.group={group}",
                          f"--log.name={name}"]  # fmt: skip
         cfg = load_run_config(config, run_overrides)
-        validate(cfg, world)
+        # The run folders are fresh_runs' to judge (refused, or replaced with --overwrite): validate
+        # everything else, as the run itself will once its folder is empty.
+        validate(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, overwrite=True)), world)
         plans.append((config, name, run_overrides, cfg.to_dict()))
     base = plans[0][3]
     for i, (config, name, run_overrides, resolved) in enumerate(plans):
@@ -317,7 +320,9 @@ def _finished_summary(run: Path) -> dict:
 def fresh_runs(out: Path, names: list[str], overwrite: bool) -> None:
     """Empty run folders: a run folder holding an earlier run's metrics would be appended to (and its
     W&B run resumed), so it is replaced with --overwrite and refused otherwise."""
-    earlier = [out / n for n in names if (out / n / "metrics.jsonl").exists() or (out / n / "checkpoints").exists()]
+    from ds_upcycle.preflight import RUN_MARKERS
+
+    earlier = [out / n for n in names if any((out / n / m).exists() for m in ("config.json", *RUN_MARKERS))]
     if earlier and not overwrite:
         raise ValueError(
             f"--out ({str(out)!r}) already holds run {earlier[0].name}; pass --overwrite or choose another"
