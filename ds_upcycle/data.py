@@ -657,7 +657,7 @@ def prepare_main(argv: list[str] | None = None) -> int:
     import argparse
 
     from ds_upcycle.config import load_run_config, resolve_config
-    from ds_upcycle.launch import world_size
+    from ds_upcycle.launch import add_world_arguments, world_size
     from ds_upcycle.preflight import validate
 
     p = argparse.ArgumentParser(
@@ -671,8 +671,7 @@ def prepare_main(argv: list[str] | None = None) -> int:
         epilog="example: ds-upcycle prepare-data gpu_zero2_bf16_ep8 --num-gpus 8 --data.num_proc=16",
     )
     p.add_argument("config", help="a run config file, or a shipped config's name")
-    p.add_argument("--num-gpus", type=int, default=None, help="ranks on this machine (default 1)")
-    p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile; world size = its slots")
+    add_world_arguments(p)
     args, overrides = p.parse_known_args(argv)
     cfg = load_run_config(resolve_config(args.config), overrides)
     derived = validate(cfg, world_size(args.num_gpus, args.hostfile))

@@ -81,6 +81,16 @@ def is_local(hosts: dict[str, int]) -> bool:
     return list(hosts) in (["localhost"], ["127.0.0.1"])
 
 
+def add_world_arguments(p) -> None:
+    """--num-gpus and --hostfile, as every command that counts the world with :func:`world_size` takes them."""
+    p.add_argument(
+        "--num-gpus", type=int, default=None,
+        help="ranks on this machine (default: every local device, as the deepspeed launcher counts them; "
+        "1 CPU rank per NUMA node)",
+    )  # fmt: skip
+    p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile (see hostfiles/); world size = its slots")
+
+
 def world_size(num_gpus: int | None, hostfile: str | Path | None) -> int:
     """The number of ranks the launcher will start, counted as deepspeed/launcher/runner.py (main)
     counts them: a hostfile's slots (its default /job/hostfile too, when it exists), each host cut to

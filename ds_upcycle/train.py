@@ -744,6 +744,8 @@ def worker_main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ds_upcycle.launch import add_world_arguments
+
     p = argparse.ArgumentParser(
         prog="ds-upcycle train",
         description="Validate a run config, then start it through the deepspeed launcher: every rank "
@@ -760,13 +762,7 @@ def build_parser() -> argparse.ArgumentParser:
         "Exit 4: no space left or an unwritable path.",
     )
     p.add_argument("config", help="a run config file, or a shipped config's name (e.g. cpu_debug_zero2_ep2)")
-    p.add_argument(
-        "--num-gpus",
-        type=int,
-        default=None,
-        help="ranks on this machine (default: every local device, as the deepspeed launcher counts them; 1 CPU rank per NUMA node)",
-    )
-    p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile (see hostfiles/); world size = its slots")
+    add_world_arguments(p)
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port (default: the launcher's 29500)")
     p.add_argument(
         "--master-addr", default=None,

@@ -247,6 +247,8 @@ def workspace_for(out: Path, group: str, runs: dict[str, Path]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from ds_upcycle.launch import add_world_arguments
+
     p = argparse.ArgumentParser(
         prog="ds-upcycle ablate",
         description="Train each config with the same data and seed, one after another, through the deepspeed "
@@ -260,8 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="runs/ablation", help="folder for the runs and the table (default runs/ablation)")
     p.add_argument("--name", default="", help="W&B group (default: the --out folder's name)")
-    p.add_argument("--num-gpus", type=int, default=None, help="ranks on this machine (default 1)")
-    p.add_argument("--hostfile", default=None, help="DeepSpeed hostfile (see hostfiles/)")
+    add_world_arguments(p)
     p.add_argument("--master-port", type=int, default=None, help="rendezvous port")
     p.add_argument(
         "--replicates", type=int, default=0, help="rerun the first config under N other seeds to measure noise"
