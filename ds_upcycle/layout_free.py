@@ -287,12 +287,12 @@ def save(engine, folder: Path, rank: int, crash_midway: bool = False) -> list[Pa
     for batch in batches(ordered, {k: 1 + len(v) for k, v in group_keys.items()}):
         mine: list[tuple[str, dict[str, torch.Tensor]]] = []
         for name, p, _ in batch:
-            if id(p) in group_keys:  # trainable: master and states from the ZeRO partitions
+            if id(p) in group_keys:  # trainable: master and states from the ZeRO partitions (collective)
                 tensors = {key: gather(opt, p, key, owner[name]) for key in (MASTER, *group_keys[id(p)])}
-            else:  # frozen: the same on every rank that holds it
-                tensors = {MASTER: p.detach().float().cpu()}
-            if rank == owner[name]:
-                mine.append((name, tensors))
+                if rank == owner[name]:
+                    mine.append((name, tensors))
+            elif rank == owner[name]:  # frozen: the same on every rank that holds it; only its writer copies it
+                mine.append((name, {MASTER: p.detach().float().cpu()}))
         for name, tensors in mine:
             path = folder / param_file(name)
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
