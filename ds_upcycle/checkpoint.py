@@ -267,6 +267,16 @@ def saved_layout(root: Path) -> tuple[str, dict] | None:
     return (tag, layout) if layout else None
 
 
+def copy_to_new_run(run: Path, step: int, out: Path) -> Path:
+    """``run``'s checkpoint of ``step`` as the only (latest complete) checkpoint of a new run folder
+    ``out``, to continue there (e.g. on another layout) while ``run`` stays as it is."""
+    root = out / "checkpoints"
+    root.mkdir(parents=True)
+    shutil.copytree(run / "checkpoints" / tag_for(step), root / tag_for(step))
+    atomic_write_text(root / LATEST, tag_for(step))
+    return root / tag_for(step)
+
+
 def latest_tag(root: Path) -> str | None:
     p = root / LATEST
     return p.read_text().strip() if p.is_file() else None

@@ -1,10 +1,9 @@
-"""Helpers of the elastic-resume tests (tests/test_elastic.py, tests/test_multihost.py): continue a
-run's checkpoint in a fresh run folder, and compare two checkpoints' layout-free parts."""
+"""Helpers of the elastic-resume tests (tests/test_elastic.py, tests/test_multihost.py): compare a
+continued run's losses with its predecessor's, and two checkpoints' layout-free parts."""
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -12,14 +11,6 @@ from conftest import losses
 from safetensors.torch import load_file
 
 from ds_upcycle import checkpoint, layout_free
-
-
-def copy_checkpoint(run: Path, step: int, out: Path) -> None:
-    """``run``'s checkpoint of ``step`` as the only (latest) checkpoint of a new run folder ``out``."""
-    root = out / "checkpoints"
-    root.mkdir(parents=True)
-    shutil.copytree(run / "checkpoints" / checkpoint.tag_for(step), root / checkpoint.tag_for(step))
-    (root / checkpoint.LATEST).write_text(checkpoint.tag_for(step))
 
 
 def max_loss_difference(reference: Path, run: Path, steps: range) -> float:

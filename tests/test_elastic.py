@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 from conftest import REFERENCE_STEPS, train
-from layout_free_checks import copy_checkpoint, max_loss_difference, resaved_equals_read
+from layout_free_checks import max_loss_difference, resaved_equals_read
 from safetensors.torch import load_file
 
 from ds_upcycle import checkpoint, layout_free
@@ -19,7 +19,7 @@ QUICK = {"log.wandb": "disabled", "log.heatmap_every": -1, "train.steps": REFERE
 
 
 def _resume(tiny_setup, run, step, out, nprocs, **overrides):
-    copy_checkpoint(run, step, out)
+    checkpoint.copy_to_new_run(run, step, out)
     return train(tiny_setup, out, nprocs=nprocs, **{**QUICK, "train.resume": True, "debug.save_at_resume": True,
                                                     **overrides})  # fmt: skip
 

@@ -315,14 +315,14 @@ def test_four_ranks_ep4_continue_on_two_ranks_ep2(cluster, tiny_setup, tmp_path)
     hosts), steps 1-4 saving at 2; its step 2 on this host's 2 ranks, ep 2, gradient accumulation 2
     (the same global batch of 16): steps 3-4 equal the 4-rank run's, and the state the resume
     restored equals the one saved, parameter by parameter."""
-    from layout_free_checks import copy_checkpoint, max_loss_difference, resaved_equals_read
+    from layout_free_checks import max_loss_difference, resaved_equals_read
 
     four = tmp_path / "four"
     _four_ranks(cluster, tiny_setup, four, **{"train.steps": 4, "train.save_every": 2, "moe.ep_size": 4})
     experts = sorted(p.name for p in (four / "checkpoints" / checkpoint.tag_for(2)).glob("layer_0_expert_*"))
     assert len(experts) == 8  # every expert saved once, whichever host held it
     two = tmp_path / "two"
-    copy_checkpoint(four, 2, two)
+    checkpoint.copy_to_new_run(four, 2, two)
     run = train(tiny_setup, two, nprocs=2, **{**QUICK, "train.steps": 4, "train.resume": True, "moe.ep_size": 2,
                                               "ds.gradient_accumulation_steps": 2, "debug.save_at_resume": True})  # fmt: skip
     assert run.returncode == 0, run.output[-4000:]

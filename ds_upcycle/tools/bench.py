@@ -744,11 +744,7 @@ def bench_elastic(args, moe: MoEConfig, emit) -> tuple[list[dict], list, dict]:
                            args.master_port)  # fmt: skip
         c = two["summary"]["last_commit"]
         one = work / "one"
-        (one / "checkpoints").mkdir(parents=True)
-        shutil.copytree(
-            work / "two" / "checkpoints" / checkpoint.tag_for(1), one / "checkpoints" / checkpoint.tag_for(1)
-        )
-        (one / "checkpoints" / checkpoint.LATEST).write_text(checkpoint.tag_for(1))
+        checkpoint.copy_to_new_run(work / "two", 1, one)
         t0 = time.perf_counter()
         resumed = _elastic_run({**common, "moe.ep_size": 1, "ds.gradient_accumulation_steps": 2, "train.resume": True,
                                 "train.save_every": 0, "train.save_final": False}, one, 1, args.master_port)  # fmt: skip
